@@ -1,0 +1,25 @@
+# The two commands the README promises. Both work on a fresh machine with no GPU and no model hub.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test serve unit
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch 2.13.0 is pinned first so pip takes the CPU wheel where one is provided locally;
+# constraints.txt holds the exact versions the suite was last run with.
+setup: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+serve: setup
+	$(BIN)/serve run serve_config.yaml
