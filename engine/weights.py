@@ -1,0 +1,31 @@
+"""Reading checkpoint tensors from safetensors files (sharded or not), never unpickling."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [d / s for s in shards]
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {d}")
+    return files
+
+
+def iter_tensors(model_dir: str | Path, want: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for the checkpoint tensors whose name passes `want`, one at a time."""
+    for f in checkpoint_files(model_dir):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                if want(name):
+                    yield name, st.get_tensor(name)
