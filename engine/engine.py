@@ -82,6 +82,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._waiting_for_slot: deque[Sequence] = deque()
+        self.num_preemptions = 0
 
     # -- adapters ---------------------------------------------------------------------------
     def add_lora(self, name: str, weights: LoRAWeights, version: int = 1) -> None:
@@ -173,6 +174,7 @@ class LLMEngine:
             seq.adapter_slot = slot
             self.scheduler.add(seq)
         batch = self.scheduler.schedule()
+        self.num_preemptions += len(batch.preempted)
         if batch.empty:
             return []
         logits, samplers = self.runner.run(batch)
