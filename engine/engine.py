@@ -83,6 +83,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._waiting_for_slot: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.name: str | None = None  # set by whoever hosts the engine (e.g. the Decoder replica id)
 
     # -- adapters ---------------------------------------------------------------------------
     def add_lora(self, name: str, weights: LoRAWeights, version: int = 1) -> None:
@@ -223,7 +224,8 @@ class LLMEngine:
         if finished:
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, choices, finished, req.num_prompt_tokens,
-                             sum(len(s.output_token_ids) for s in req.seqs), req.adapter, req.adapter_version)
+                             sum(len(s.output_token_ids) for s in req.seqs), req.adapter, req.adapter_version,
+                             self.name)
 
     # -- offline convenience ----------------------------------------------------------------
     def generate(self, prompts: list[Any], sampling: SamplingParams, adapters: list[str | None] | None = None,

@@ -32,3 +32,4 @@ class RequestOutput:
     num_generated_tokens: int = 0  # all choices, cumulative
     adapter: str | None = None
     adapter_version: int | None = None
+    served_by: str | None = None  # which engine instance (the Decoder replica) produced it

@@ -1,0 +1,64 @@
+"""The application: Ingress -> Preprocessor -> VisionEncoder -> Decoder, built from AppConfig.
+
+`serve run serve_config.yaml` calls `build_app(args)`; tests call it with a dict. Each class
+stays a plain class (constructible without Serve); this module alone turns them into
+deployments with replica counts and resources from the config.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.config import AppConfig
+from deployments.decoder import Decoder
+from deployments.ingress import Ingress
+from deployments.placement import actor_options, gpu_shares
+from deployments.preprocessor import Preprocessor
+from deployments.vision_encoder import VisionEncoderDeployment
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def _deployment(cls, name: str, replica, gpu_share: float = 0.0):
+    return serve.deployment(cls, name=name).options(
+        num_replicas=replica.num_replicas,
+        max_ongoing_requests=replica.max_ongoing_requests,
+        max_queued_requests=replica.max_queued_requests,
+        ray_actor_options=actor_options(replica, gpu_share),
+    )
+
+
+def prepare_config(args: dict | AppConfig) -> AppConfig:
+    """Validate args, make paths absolute (replicas may run elsewhere), create the tiny model if asked."""
+    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    config = config.model_copy(update={
+        "model_dir": os.path.abspath(config.model_dir),
+        "adapter_store_dir": os.path.abspath(config.adapter_store_dir),
+        "served_model_name": config.model_name,
+    })
+    if not os.path.exists(os.path.join(config.model_dir, "config.json")):
+        if not config.generate_tiny_model_if_missing:
+            raise FileNotFoundError(f"no checkpoint at {config.model_dir} (config.json missing)")
+        from engine.tiny import write_tiny_model
+
+        write_tiny_model(config.model_dir)
+    return config
+
+
+def build_app(args: dict | AppConfig | None = None) -> Application:
+    config = prepare_config(args or {})
+    shares = gpu_shares(config, _cluster_gpus())
+    pre = _deployment(Preprocessor, "Preprocessor", config.preprocessor).bind(config)
+    vis = _deployment(VisionEncoderDeployment, "VisionEncoder", config.vision_encoder,
+                      shares["vision_encoder"]).bind(config)
+    dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"]).bind(config)
+    return _deployment(Ingress, "Ingress", config.ingress).bind(config, pre, vis, dec)

@@ -1,0 +1,96 @@
+"""Decoder deployment (GPU when present): owns one engine, streams each request's deltas back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import torch
+
+from deployments.config import AppConfig
+from deployments.errors import to_api_error
+from deployments.messages import EncodedRequest, PreparedRequest
+from deployments.openai_api import ApiError
+from deployments.placement import resolve_device_dtype
+from engine.config import EngineConfig
+from engine.engine import AsyncEngine, LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling import SamplingParams
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # constructed outside Serve (unit tests)
+        return "local"
+
+
+class Decoder:
+    def __init__(self, config: AppConfig):
+        device, dtype = resolve_device_dtype(config)
+        lim = config.engine
+        self.config = config
+        self.engine = AsyncEngine(LLMEngine(EngineConfig(
+            model_dir=config.model_dir, device=device, dtype=dtype, block_size=lim.block_size,
+            kv_cache_memory_bytes=lim.kv_cache_memory_mb * 2**20, max_num_seqs=lim.max_num_seqs,
+            max_num_batched_tokens=max(lim.max_num_batched_tokens, lim.max_num_seqs), max_model_len=lim.max_model_len,
+            max_loras=lim.max_loras, max_lora_rank=lim.max_lora_rank)))
+        self.replica_id = _replica_id()
+        self._inflight = 0  # generate() calls admitted and not yet finished
+        self.engine.engine.name = self.replica_id
+        torch.set_grad_enabled(False)
+
+    def _check_capacity(self) -> None:
+        """Counted on the event loop (not read from the engine thread), so concurrent arrivals can't race."""
+        lim = self.config.engine
+        queued = self._inflight - lim.max_num_seqs
+        if queued >= lim.max_waiting_requests:
+            raise ApiError(503, f"the server is overloaded ({queued} requests already waiting on this replica); "
+                                "retry after a short wait", retry_after=1)
+
+    async def generate(self, req: EncodedRequest | PreparedRequest, sampling: SamplingParams, adapter: str | None,
+                       request_id: str, max_tokens_explicit: bool = True) -> AsyncIterator[RequestOutput]:
+        """Stream RequestOutputs; a caller that stops iterating (client gone) aborts the request."""
+        self._check_capacity()
+        self._inflight += 1
+        try:
+            embeds = req.image_embeds if isinstance(req, EncodedRequest) else None
+            if not max_tokens_explicit:
+                room = self.engine.engine.max_model_len - len(req.prompt.token_ids)
+                sampling.max_tokens = max(1, min(sampling.max_tokens, room))
+            async for out in self.engine.generate(req.prompt, sampling, adapter, embeds, request_id):
+                yield out
+        except ApiError:
+            raise
+        except Exception as exc:
+            api = to_api_error(exc)
+            if api is None:
+                raise
+            raise api from None
+        finally:
+            self._inflight -= 1
+
+    async def stats(self) -> dict:
+        def read(e: LLMEngine) -> dict:
+            return {
+                "replica_id": self.replica_id,
+                "num_running": len(e.scheduler.running),
+                "num_waiting": len(e.scheduler.waiting) + len(e._waiting_for_slot),
+                "num_requests": len(e.requests),
+                "kv_blocks_used": e.pool.num_used_blocks,
+                "kv_blocks_total": e.pool.num_blocks,
+                "num_preemptions": e.num_preemptions,
+                "adapters": {n: a.version for n, a in e.loras.adapters.items()},
+                "resident_adapters": e.loras.resident,
+            }
+
+        return await self.engine.run(read)
+
+    async def ready(self) -> bool:
+        return True
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

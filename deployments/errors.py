@@ -1,0 +1,41 @@
+"""Mapping engine-level exceptions to the API's errors, once, for every deployment."""
+
+from __future__ import annotations
+
+from deployments.openai_api import ApiError
+from engine.engine import RequestError
+from engine.images import ImageError
+from engine.lora import LoRASlotError
+from engine.lora_manager import UnknownAdapterError
+from engine.prompts import PromptError
+
+
+def to_api_error(exc: BaseException) -> ApiError | None:
+    """The ApiError a client should see for `exc`, or None if it is a server fault."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ImageError):
+        return ApiError(400, f"invalid image: {exc}", param="messages")
+    if isinstance(exc, PromptError):
+        return ApiError(400, str(exc), param="messages")
+    if isinstance(exc, UnknownAdapterError):
+        return ApiError.model_not_found(exc.name)
+    if isinstance(exc, (RequestError, LoRASlotError, ValueError)):
+        return ApiError(400, str(exc))
+    return None
+
+
+def find_api_error(exc: BaseException) -> ApiError | None:
+    """Walk a Ray error chain (RayTaskError.cause, __cause__) to the ApiError inside, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        found = to_api_error(exc)
+        if found is not None and not _is_ray_wrapper(exc):
+            return found
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def _is_ray_wrapper(exc: BaseException) -> bool:
+    return type(exc).__name__.startswith("RayTaskError")

@@ -1,0 +1,299 @@
+"""Ingress deployment: the OpenAI-compatible HTTP API (FastAPI), auth, SSE streaming.
+
+It never touches pixels or embeddings: it hands the Preprocessor's response (a Ray object) to
+the VisionEncoder and that one's to the Decoder, then relays the Decoder's stream.
+"""
+
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from deployments.config import AppConfig
+from deployments.errors import find_api_error
+from deployments.openai_api import (
+    SSE_DONE,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_completion_chunk,
+    chat_completion_response,
+    completion_chunk,
+    completion_response,
+    models_response,
+    sse,
+    validation_error_to_api_error,
+)
+from engine.outputs import RequestOutput
+
+log = logging.getLogger("vlora.ingress")
+
+app = FastAPI(title="vlora", description="Qwen2.5-VL with online-learned LoRA adapters, OpenAI-compatible")
+
+
+@app.exception_handler(ApiError)
+async def _api_error_handler(_: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc)
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers=exc.headers())
+
+
+def _has_images(messages: list[dict]) -> bool:
+    return any(isinstance(m.get("content"), list) and any(
+        isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"]) for m in messages)
+
+
+class _Accumulator:
+    """Collects a request's streamed deltas into whole choices for a non-streaming response."""
+
+    def __init__(self, n: int):
+        self.text = [""] * n
+        self.finish = [None] * n
+        self.logprobs: list[list | None] = [None] * n
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.last = out
+        self.prompt_tokens = out.num_prompt_tokens
+        self.completion_tokens = out.num_generated_tokens
+        for c in out.choices:
+            self.text[c.index] += c.text
+            if c.logprobs is not None:
+                self.logprobs[c.index] = (self.logprobs[c.index] or []) + c.logprobs
+            if c.finish_reason:
+                self.finish[c.index] = c.finish_reason
+
+
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, config: AppConfig, preprocessor, vision_encoder, decoder):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.preprocessor = preprocessor
+        self.vision = vision_encoder
+        self.decoder = decoder
+        self.model_name = config.model_name
+        self.api_keys = config.keys("api")
+        self.created = int(time.time())
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _auth(self, request: Request) -> None:
+        if not self.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", type="authentication_error",
+                           code="invalid_api_key")
+        if header[7:].strip() not in self.api_keys:
+            raise ApiError(401, "incorrect API key provided", type="authentication_error", code="invalid_api_key")
+
+    @staticmethod
+    async def _body(request: Request, model: type) -> Any:
+        raw = await request.body()
+        try:
+            body = json.loads(raw or b"null")
+        except json.JSONDecodeError as e:
+            raise ApiError(400, f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        try:
+            return model.model_validate(body)
+        except ValidationError as e:
+            raise validation_error_to_api_error(e) from None
+
+    def _adapter_for(self, model: str) -> str | None:
+        return None if model == self.model_name else model
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    async def _start(self, request: Request, source, sampling, adapter, explicit: bool):
+        """Start the Decoder stream; await its first output so errors become 4xx before any byte is sent."""
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        gen = self.decoder.options(stream=True).generate.remote(source, sampling, adapter, rid, explicit)
+        try:
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            raise ApiError(500, "the decoder returned no output", type="server_error") from None
+        except BackPressureError:
+            raise ApiError(503, "the server is overloaded; retry after a short wait", type="server_error",
+                           retry_after=1) from None
+        except Exception as exc:
+            api = find_api_error(exc)
+            if api is None:
+                log.exception("request %s failed", rid)
+                raise ApiError(500, f"internal error: {type(exc).__name__}", type="server_error") from None
+            raise api from None
+        return rid, gen, first
+
+    def _headers(self, rid: str, out: RequestOutput) -> dict:
+        h = {"x-request-id": rid}
+        if out.served_by:
+            h["x-vlora-replica"] = out.served_by
+        if out.adapter_version is not None:
+            h["x-adapter-version"] = str(out.adapter_version)
+        return h
+
+    @staticmethod
+    async def _rest(first: RequestOutput, gen) -> AsyncIterator[RequestOutput]:
+        yield first
+        if first.finished:
+            return
+        async for out in gen:
+            yield out
+            if out.finished:
+                return
+
+    # -- routes -----------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self._auth(request)
+        req: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
+        sampling = req.to_sampling_params(self.config.default_max_tokens)
+        explicit = req.max_completion_tokens is not None or req.max_tokens is not None
+        prep = self.preprocessor.prepare_chat.remote(req.messages)
+        source = self.vision.encode.remote(prep) if _has_images(req.messages) else prep
+        rid, gen, first = await self._start(request, source, sampling, self._adapter_for(req.model), explicit)
+        headers = self._headers(rid, first)
+        cid = f"chatcmpl-{rid}"
+        created = int(time.time())
+        extra = self._extra(first)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                self._chat_stream(first, gen, cid, created, req, include_usage, extra),
+                media_type="text/event-stream", headers=headers)
+        acc = _Accumulator(sampling.n)
+        async for out in self._rest(first, gen):
+            acc.add(out)
+        fp = extra.pop("system_fingerprint")
+        body = chat_completion_response(
+            cid, req.model, created, acc.text, acc.finish, acc.logprobs if sampling.logprobs else None,
+            (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
+        return JSONResponse(body, headers=headers)
+
+    def _extra(self, out: RequestOutput) -> dict:
+        """Fields beyond OpenAI's: the adapter version used; the replica goes in system_fingerprint."""
+        extra: dict = {"system_fingerprint": f"vlora-{out.served_by}" if out.served_by else None}
+        if out.adapter is not None:
+            extra["adapter"] = out.adapter
+            extra["adapter_version"] = out.adapter_version
+        return extra
+
+    @staticmethod
+    def _visible(out: RequestOutput, started: set[int]) -> list:
+        """Deltas worth a chunk: new text, a finish, logprobs, or a choice's first (role) chunk."""
+        return [c for c in out.choices if c.text or c.finish_reason or c.logprobs or c.index not in started]
+
+    async def _chat_stream(self, first, gen, cid, created, req, include_usage, extra) -> AsyncIterator[bytes]:
+        started: set[int] = set()
+        last = first
+        fp = extra.pop("system_fingerprint", None)
+        try:
+            async for out in self._rest(first, gen):
+                last = out
+                deltas = self._visible(out, started)
+                if deltas:
+                    yield sse(chat_completion_chunk(cid, req.model, created, deltas, self._token_text,
+                                                    role_for={c.index for c in deltas} - started, extra=extra,
+                                                    system_fingerprint=fp))
+                    started.update(c.index for c in deltas)
+            if include_usage:
+                yield sse(chat_completion_chunk(cid, req.model, created, [], usage=(
+                    last.num_prompt_tokens, last.num_generated_tokens), extra=extra, system_fingerprint=fp))
+            yield SSE_DONE
+        except Exception as exc:  # mid-stream failure: tell the client in-band, as OpenAI does
+            api = find_api_error(exc) or ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
+            yield sse(api.to_json())
+            yield SSE_DONE
+        finally:
+            gen.cancel()  # a client that went away aborts the request and frees its KV blocks
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._auth(request)
+        req: CompletionRequest = await self._body(request, CompletionRequest)
+        sampling = req.to_sampling_params(self.config.default_max_tokens)
+        explicit = req.max_tokens is not None
+        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        prep = self.preprocessor.prepare_text.remote(prompt)
+        rid, gen, first = await self._start(request, prep, sampling, self._adapter_for(req.model), explicit)
+        headers = self._headers(rid, first)
+        cid = f"cmpl-{rid}"
+        created = int(time.time())
+        extra = self._extra(first)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._completion_stream(first, gen, cid, created, req, include_usage, extra),
+                                     media_type="text/event-stream", headers=headers)
+        acc = _Accumulator(sampling.n)
+        async for out in self._rest(first, gen):
+            acc.add(out)
+        fp = extra.pop("system_fingerprint")
+        body = completion_response(cid, req.model, created, acc.text, acc.finish,
+                                   acc.logprobs if sampling.logprobs else None,
+                                   (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
+        return JSONResponse(body, headers=headers)
+
+    async def _completion_stream(self, first, gen, cid, created, req, include_usage, extra) -> AsyncIterator[bytes]:
+        last = first
+        offsets: dict[int, int] = {}
+        fp = extra.pop("system_fingerprint", None)
+        try:
+            async for out in self._rest(first, gen):
+                last = out
+                deltas = [c for c in out.choices if c.text or c.finish_reason or c.logprobs]
+                if deltas:
+                    yield sse(completion_chunk(cid, req.model, created, deltas, self._token_text,
+                                               text_offsets=offsets, extra=extra, system_fingerprint=fp))
+                    for c in deltas:
+                        offsets[c.index] = offsets.get(c.index, 0) + len(c.text)
+            if include_usage:
+                yield sse(completion_chunk(cid, req.model, created, [], usage=(
+                    last.num_prompt_tokens, last.num_generated_tokens), extra=extra, system_fingerprint=fp))
+            yield SSE_DONE
+        except Exception as exc:
+            api = find_api_error(exc) or ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
+            yield sse(api.to_json())
+            yield SSE_DONE
+        finally:
+            gen.cancel()
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        self._auth(request)
+        stats = await self.decoder.stats.remote()
+        adapters = [{"name": n, "version": v, "created": self.created} for n, v in sorted(stats["adapters"].items())]
+        return JSONResponse(models_response(self.model_name, adapters, self.created))
+
+    @app.get("/health")
+    async def health(self):
+        status = {}
+        for name, handle in (("preprocessor", self.preprocessor), ("vision_encoder", self.vision),
+                             ("decoder", self.decoder)):
+            try:
+                status[name] = "ready" if await handle.ready.remote() else "not ready"
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                status[name] = f"unavailable: {type(exc).__name__}"
+        ok = all(v == "ready" for v in status.values())
+        return JSONResponse({"status": "ok" if ok else "degraded", "model": self.model_name, "deployments": status},
+                            status_code=200 if ok else 503)
+
+    @app.get("/")
+    async def root(self):
+        return Response(f"vlora serving {self.model_name}: see /v1/models\n", media_type="text/plain")

@@ -1,0 +1,35 @@
+"""Where a replica runs: GPU when the cluster has one (and the replica was given one), else CPU."""
+
+from __future__ import annotations
+
+from deployments.config import AppConfig, ReplicaConfig
+
+
+def resolve_device_dtype(config: AppConfig) -> tuple[str, str]:
+    """Inside a replica: the torch device and dtype to use."""
+    import torch
+
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        device = "cuda"
+    else:
+        device = "cpu"
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    return device, dtype
+
+
+def actor_options(replica: ReplicaConfig, gpu_share: float) -> dict:
+    """ray_actor_options for a deployment: the configured GPUs, or `gpu_share` when left on auto."""
+    gpus = replica.num_gpus if replica.num_gpus is not None else gpu_share
+    opts: dict = {"num_cpus": replica.num_cpus}
+    if gpus:
+        opts["num_gpus"] = gpus
+    return opts
+
+
+def gpu_shares(config: AppConfig, cluster_gpus: float) -> dict[str, float]:
+    """Auto GPU split: the vision encoder takes a tenth of a GPU per replica, decoders share the rest."""
+    if cluster_gpus <= 0 or config.device == "cpu":
+        return {"vision_encoder": 0.0, "decoder": 0.0}
+    vision = 0.1
+    left = cluster_gpus - vision * config.vision_encoder.num_replicas
+    return {"vision_encoder": vision, "decoder": max(0.1, min(1.0, left / config.decoder.num_replicas))}

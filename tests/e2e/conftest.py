@@ -1,0 +1,88 @@
+"""One Ray + Serve instance for the whole test session, with the app deployed on the tiny model.
+
+Two applications share it: `vlora` (2 Decoder replicas, API keys on) for the behaviour tests,
+and `overload` (1 tiny Decoder with a queue of one) for the 503 test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+API_KEY = "test-key"
+ADMIN_KEY = "admin-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_config(model_dir, store_dir, **over) -> dict:
+    cfg = {
+        "model_dir": str(model_dir),
+        "served_model_name": "tiny",
+        "adapter_store_dir": str(store_dir),
+        "engine": {"max_num_seqs": 32, "kv_cache_memory_mb": 16, "block_size": 16, "max_model_len": 1024,
+                   "max_loras": 4, "max_lora_rank": 16},
+        "preprocessor": {"num_replicas": 1, "num_cpus": 0.1},
+        "vision_encoder": {"num_replicas": 1, "num_cpus": 0.1},
+        "decoder": {"num_replicas": 2, "num_cpus": 0.1},
+        "ingress": {"num_replicas": 1, "num_cpus": 0.1},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def serve_instance(tiny_model_dir, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"VLORA_API_KEYS": API_KEY, "VLORA_ADMIN_KEYS": ADMIN_KEY,
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    store = tmp_path_factory.mktemp("store")
+    serve.run(build_app(base_config(tiny_model_dir, store)), name="vlora", route_prefix="/")
+    overload = base_config(tiny_model_dir, tmp_path_factory.mktemp("store2"),
+                           engine={"max_num_seqs": 1, "max_waiting_requests": 1},
+                           decoder={"num_replicas": 1, "num_cpus": 0.1})
+    serve.run(build_app(overload), name="overload", route_prefix="/overload")
+    yield {"url": f"http://127.0.0.1:{port}", "store": store}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def base_url(serve_instance):
+    return serve_instance["url"]
+
+
+@pytest.fixture(scope="session")
+def client(base_url):
+    import openai
+
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def decoder_stats(app: str = "vlora", replicas: int = 2, tries: int = 60) -> dict[str, dict]:
+    """Stats of every Decoder replica (calls are routed at random: call until each has answered)."""
+    from ray import serve
+
+    h = serve.get_deployment_handle("Decoder", app_name=app)
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        s = h.stats.remote().result()
+        seen[s["replica_id"]] = s
+        if len(seen) >= replicas:
+            break
+    assert len(seen) == replicas, f"saw {len(seen)} of {replicas} Decoder replicas"
+    return seen
