@@ -1,4 +1,6 @@
-"""The `vlora` command line: chat, list models, check health, benchmark, make the tiny model.
+"""The `vlora` command line: chat, list models, check health, benchmark, make the tiny model,
+manage versioned adapters (`vlora adapters list|show|load|delete|rollback|job`) and train them
+online (`vlora learn NAME --data examples.jsonl`).
 
 Server errors are reported as one `error: <status> <message>` line on stderr with exit code
 1, never a traceback: the message is the server's own, which already says what to fix.
@@ -9,8 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
+import time
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -18,7 +22,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 def _client(args):
     from client.client import VloraClient
 
-    return VloraClient(args.url, api_key=args.api_key, timeout=args.timeout, max_retries=args.retries)
+    return VloraClient(args.url, api_key=args.api_key, timeout=args.timeout, max_retries=args.retries,
+                       admin_key=getattr(args, "admin_key", None))
 
 
 def _describe_error(exc: BaseException, url: str) -> str:
@@ -160,6 +165,163 @@ def _cmd_bench(args) -> int:
     return 0 if summary["failures"] == 0 and summary["successes"] > 0 else 1
 
 
+# -- adapters --------------------------------------------------------------------------------
+def _when(created) -> str:
+    if created is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(created)))
+
+
+def _opt(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _num(x) -> str:
+    return f"{x:.4g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+
+
+def _cmd_adapters_list(args) -> int:
+    adapters = _client(args).adapters()
+    if not adapters:
+        print("no adapters")
+        return 0
+    rows = [["NAME", "VERSION", "ORIGIN", "PARENT", "RANK", "CREATED"]]
+    for a in adapters:
+        rows.append([a["name"], str(a["version"]), _opt(a.get("origin")), _opt(a.get("parent_version")),
+                     _opt(a.get("rank")), _when(a.get("created"))])
+    print(_table(rows))
+    return 0
+
+
+def _cmd_adapters_show(args) -> int:
+    info = _client(args).adapter(args.name)
+    versions = info.get("versions") or []
+    current = info.get("current")
+    print(f"{info.get('name', args.name)}: current version {_opt(current)}, {len(versions)} retained")
+    if not versions:
+        return 0
+    rows = [["", "VERSION", "ORIGIN", "PARENT", "RANK", "ALPHA", "CREATED", "LOSS", "CHECKSUM", "SOURCE"]]
+    for v in versions:
+        m = v.get("metrics") or {}
+        loss = f"{_num(m['loss_before'])}->{_num(m['loss_after'])}" if "loss_after" in m else "-"
+        rows.append(["*" if v["version"] == current else "", str(v["version"]), _opt(v.get("origin")),
+                     _opt(v.get("parent_version")), _opt(v.get("rank")), _num(v.get("lora_alpha")),
+                     _when(v.get("created")), loss, (v.get("checksum") or "-")[:12], _opt(v.get("source"))])
+    print(_table(rows))
+    return 0
+
+
+def _cmd_adapters_load(args) -> int:
+    info = _client(args).load_adapter(args.name, args.path)
+    synced = info.get("replicas_synced")
+    print(f"loaded {info.get('name', args.name)} version {info['version']} (rank {_opt(info.get('rank'))}"
+          + (f", synced to {synced} replicas)" if synced is not None else ")"))
+    return 0
+
+
+def _cmd_adapters_delete(args) -> int:
+    _client(args).delete_adapter(args.name)
+    print(f"deleted {args.name}")
+    return 0
+
+
+def _cmd_adapters_rollback(args) -> int:
+    info = _client(args).rollback_adapter(args.name, args.version)
+    print(f"rolled back {info.get('name', args.name)}: version {info['version']} is a copy of version "
+          f"{_opt(info.get('parent_version'))}")
+    return 0
+
+
+def _cmd_adapters_job(args) -> int:
+    job = _client(args).job(args.name, args.job_id)
+    print(json.dumps(job, indent=2))
+    return 0 if job.get("status") != "failed" else 1
+
+
+# -- learn -----------------------------------------------------------------------------------
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """One character per value (averaged into `width` buckets when there are more), scaled
+    between the finite min and max; non-finite values are shown as `×`."""
+    vals = [float(v) for v in values]
+    if len(vals) > width:  # bucket means, so a long run still fits one line
+        buckets = [vals[i * len(vals) // width:(i + 1) * len(vals) // width] for i in range(width)]
+        vals = [sum(b) / len(b) for b in buckets]
+    finite = [v for v in vals if math.isfinite(v)]
+    if not finite:
+        return "×" * len(vals)
+    lo, hi = min(finite), max(finite)
+    out = []
+    for v in vals:
+        if not math.isfinite(v):
+            out.append("×")
+        elif hi == lo:
+            out.append(SPARK[len(SPARK) // 2])
+        else:
+            out.append(SPARK[round((v - lo) / (hi - lo) * (len(SPARK) - 1))])
+    return "".join(out)
+
+
+def _cmd_learn(args) -> int:
+    from client.client import load_examples
+
+    examples = load_examples(args.data, args.image_dir)  # before anything is sent: bad data sends nothing
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    params = dict(steps=args.steps, learning_rate=args.lr, rank=args.rank, lora_alpha=args.alpha,
+                  target_modules=targets, use_rslora=True if args.rslora else None)
+    client = _client(args)
+    if not args.wait:
+        job = client.learn(args.name, examples, wait=False, **params)
+        print(f"submitted {job.get('id')} for {args.name} ({len(examples)} examples, {job.get('steps')} steps); "
+              f"check it with: vlora adapters job {args.name} {job.get('id')}")
+        return 0
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.steps, unit="step", desc=f"learn {args.name}", file=sys.stderr,
+               disable=None if args.progress else True)
+    seen: dict = {}
+
+    def on_progress(job: dict) -> None:
+        seen["job"] = job
+        if job.get("steps") is not None and bar.total != job["steps"]:
+            bar.total = job["steps"]
+        step = int(job.get("step") or 0)
+        if step > bar.n:
+            bar.update(step - bar.n)
+        losses = job.get("losses") or []
+        bar.set_postfix_str(f"{job.get('status')}" + (f" loss {losses[-1]:.4f}" if losses else ""), refresh=False)
+        bar.refresh()
+
+    try:
+        job = client.learn(args.name, examples, poll_s=args.poll_s, on_progress=on_progress, **params)
+    except KeyboardInterrupt:
+        bar.close()
+        j = seen.get("job")
+        if j and j.get("id"):
+            print(f"interrupted; job {j['id']} keeps running on the server "
+                  f"(vlora adapters job {args.name} {j['id']})", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    r = job.get("result") or {}
+    print(f"loss {_num(r.get('loss_before'))} -> {_num(r.get('loss_after'))} "
+          f"({_opt(r.get('steps'))} steps, {_opt(r.get('num_examples'))} examples"
+          + (f", {r['seconds']:.1f} s)" if isinstance(r.get("seconds"), (int, float)) else ")"))
+    parent = r.get("parent_version")
+    synced = r.get("replicas_synced")
+    print(f"{r.get('adapter', args.name)} version {_opt(r.get('version'))}"
+          + (f" (from version {parent})" if parent is not None else " (new adapter)")
+          + (f", synced to {synced} replicas" if synced is not None else ""))
+    losses = [x for x in (job.get("losses") or []) if isinstance(x, (int, float))]
+    if losses:
+        print(f"loss curve {sparkline(losses)}  first {_num(losses[0])}  min {_num(min(losses))}  "
+              f"last {_num(losses[-1])}")
+    return 0
+
+
 # -- tiny-model ------------------------------------------------------------------------------
 def _cmd_tiny_model(args) -> int:
     from engine.tiny import write_tiny_model
@@ -175,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server address (env VLORA_URL; default %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("VLORA_API_KEY"),
                    help="API key sent as a Bearer token (env VLORA_API_KEY)")
+    p.add_argument("--admin-key", default=os.environ.get("VLORA_ADMIN_KEY"),
+                   help="admin key for the adapter routes (env VLORA_ADMIN_KEY; default: the API key)")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--retries", type=int, default=2,
                    help="retries on connection errors, 429 and 5xx (the SDK's backoff; bench never retries)")
@@ -183,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--api-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--admin-key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--retries", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
@@ -224,6 +389,50 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     b.set_defaults(func=_cmd_bench)
 
+    a = sub.add_parser("adapters", parents=[common], help="list, inspect, load, delete and roll back adapters (admin)")
+    asub = a.add_subparsers(dest="adapters_command")
+    a.set_defaults(func=_cmd_adapters_list)  # plain `vlora adapters` lists them
+    al = asub.add_parser("list", parents=[common], help="the current version of every adapter")
+    al.set_defaults(func=_cmd_adapters_list)
+    ash = asub.add_parser("show", parents=[common], help="an adapter's retained versions (* = current)")
+    ash.add_argument("name")
+    ash.set_defaults(func=_cmd_adapters_show)
+    ald = asub.add_parser("load", parents=[common], help="publish a PEFT adapter folder as the next version")
+    ald.add_argument("name")
+    ald.add_argument("path", help="the adapter folder on the SERVER's disk (inside its adapter_load_dirs)")
+    ald.set_defaults(func=_cmd_adapters_load)
+    adl = asub.add_parser("delete", parents=[common], help="remove an adapter and all its versions")
+    adl.add_argument("name")
+    adl.set_defaults(func=_cmd_adapters_delete)
+    arb = asub.add_parser("rollback", parents=[common],
+                          help="publish a copy of an older version as a new version")
+    arb.add_argument("name")
+    arb.add_argument("--version", type=int, help="the version to copy (default: the one before the current)")
+    arb.set_defaults(func=_cmd_adapters_rollback)
+    aj = asub.add_parser("job", parents=[common], help="show a learn job as JSON (exit 1 if it failed)")
+    aj.add_argument("name")
+    aj.add_argument("job_id")
+    aj.set_defaults(func=_cmd_adapters_job)
+
+    lr = sub.add_parser("learn", parents=[common], help="train an adapter online on JSONL examples (admin)")
+    lr.add_argument("name", help="adapter to train (created when new; else trained from its current version)")
+    lr.add_argument("--data", required=True, metavar="JSONL",
+                    help='one {"messages": [...]} or {"prompt": ..., "output": "..."} object per line')
+    lr.add_argument("--image-dir", metavar="DIR",
+                    help="folder for relative local image paths (default: the JSONL file's folder)")
+    lr.add_argument("--steps", type=int, default=20)
+    lr.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    lr.add_argument("--rank", type=int, default=8, help="LoRA rank of a new adapter")
+    lr.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha of a new adapter")
+    lr.add_argument("--targets", metavar="MODULES", help="comma-separated target modules, e.g. q_proj,v_proj "
+                    "(default: the server's)")
+    lr.add_argument("--rslora", action="store_true", help="rank-stabilised scaling for a new adapter")
+    lr.add_argument("--poll-s", type=float, default=0.5, help="seconds between job polls")
+    lr.add_argument("--no-wait", dest="wait", action="store_false",
+                    help="submit the job, print its id and return")
+    lr.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    lr.set_defaults(func=_cmd_learn)
+
     t = sub.add_parser("tiny-model", help="write the embedded tiny random-weight Qwen2.5-VL checkpoint")
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
@@ -236,10 +445,21 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
     import openai
 
+    from client.client import VloraAPIError
+
     try:
         return args.func(args)
+    except VloraAPIError as exc:
+        print(f"error: {exc.status} {exc.message}", file=sys.stderr)
+        return 1
     except openai.APIError as exc:
         print(f"error: {_describe_error(exc, args.url)}", file=sys.stderr)
+        return 1
+    except httpx.TimeoutException:
+        print(f"error: request to {args.url} timed out", file=sys.stderr)
+        return 1
+    except httpx.TransportError as exc:
+        print(f"error: cannot reach {args.url} ({exc})", file=sys.stderr)
         return 1
     except httpx.HTTPStatusError as exc:
         print(f"error: {exc.response.status_code} {exc.response.text.strip()}", file=sys.stderr)
