@@ -17,6 +17,7 @@ from deployments.decoder import Decoder
 from deployments.ingress import Ingress
 from deployments.placement import actor_options, gpu_shares
 from deployments.preprocessor import Preprocessor
+from deployments.trainer import Trainer
 from deployments.vision_encoder import VisionEncoderDeployment
 
 
@@ -55,10 +56,20 @@ def prepare_config(args: dict | AppConfig) -> AppConfig:
 
 
 def build_app(args: dict | AppConfig | None = None) -> Application:
+    import ray
+
+    from adapters.store import get_or_create_store
+
     config = prepare_config(args or {})
+    if not ray.is_initialized():
+        ray.init()
+    store = get_or_create_store(config.adapter_store_dir, config.model_dir, config.engine.max_lora_rank,
+                                config.adapter_retention)
     shares = gpu_shares(config, _cluster_gpus())
     pre = _deployment(Preprocessor, "Preprocessor", config.preprocessor).bind(config)
     vis = _deployment(VisionEncoderDeployment, "VisionEncoder", config.vision_encoder,
                       shares["vision_encoder"]).bind(config)
-    dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"]).bind(config)
-    return _deployment(Ingress, "Ingress", config.ingress).bind(config, pre, vis, dec)
+    dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"]).bind(config, store)
+    trainer = _deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1}),
+                          shares["trainer"]).bind(config, store)
+    return _deployment(Ingress, "Ingress", config.ingress).bind(config, pre, vis, dec, trainer, store)

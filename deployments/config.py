@@ -57,10 +57,14 @@ class AppConfig(_Strict):
     api_keys_env: str = Field("VLORA_API_KEYS", description="env var with comma-separated API keys; unset = open")
     admin_keys_env: str = Field("VLORA_ADMIN_KEYS", description="env var with admin keys for /v1/adapters routes")
     adapter_store_dir: str = Field("adapter_store", description="where the AdapterStore persists adapters")
+    adapter_retention: int = Field(5, ge=1, description="versions kept per adapter (the current one always)")
+    adapter_load_dirs: list[str] = Field(
+        default_factory=list, description="directories POST /v1/adapters may load PEFT folders from")
     preprocessor: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(num_replicas=2))
     vision_encoder: ReplicaConfig = Field(default_factory=ReplicaConfig)
     decoder: ReplicaConfig = Field(default_factory=ReplicaConfig)
     ingress: ReplicaConfig = Field(default_factory=ReplicaConfig)
+    trainer: ReplicaConfig = Field(default_factory=ReplicaConfig, description="online learning (one replica)")
 
     @property
     def model_name(self) -> str:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from deployments.adapter_sync import AdapterSync
 from deployments.config import AppConfig
 from deployments.errors import to_api_error
 from deployments.messages import EncodedRequest, PreparedRequest
@@ -27,7 +28,7 @@ def _replica_id() -> str:
 
 
 class Decoder:
-    def __init__(self, config: AppConfig):
+    def __init__(self, config: AppConfig, store=None):
         device, dtype = resolve_device_dtype(config)
         lim = config.engine
         self.config = config
@@ -39,6 +40,11 @@ class Decoder:
         self.replica_id = _replica_id()
         self._inflight = 0  # generate() calls admitted and not yet finished
         self.engine.engine.name = self.replica_id
+        self.sync = None
+        if store is not None:  # a replica that starts (or restarts) catches up before serving
+            self.sync = AdapterSync(store, self.engine, self.replica_id)
+            self.sync.catch_up()
+            self.sync.start()
         torch.set_grad_enabled(False)
 
     def _check_capacity(self) -> None:
@@ -83,6 +89,8 @@ class Decoder:
                 "num_preemptions": e.num_preemptions,
                 "adapters": {n: a.version for n, a in e.loras.adapters.items()},
                 "resident_adapters": e.loras.resident,
+                "adapter_swaps": e.loras.num_swaps,
+                "store_seq": self.sync.seq if self.sync else None,
             }
 
         return await self.engine.run(read)
@@ -91,6 +99,8 @@ class Decoder:
         return True
 
     def __del__(self):
+        if getattr(self, "sync", None) is not None:
+            self.sync.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from adapters.peft_io import AdapterFormatError
+from adapters.registry import AdapterCorruptError, AdapterNameError, AdapterNotFoundError
 from deployments.openai_api import ApiError
 from engine.engine import RequestError
 from engine.images import ImageError
@@ -20,6 +22,14 @@ def to_api_error(exc: BaseException) -> ApiError | None:
         return ApiError(400, str(exc), param="messages")
     if isinstance(exc, UnknownAdapterError):
         return ApiError.model_not_found(exc.name)
+    if isinstance(exc, AdapterNotFoundError):
+        return ApiError(404, str(exc), code="adapter_not_found")
+    if isinstance(exc, AdapterCorruptError):
+        return ApiError(500, f"stored adapter is corrupt: {exc}", type="server_error")
+    if isinstance(exc, AdapterNameError):
+        return ApiError(400, str(exc), param="name")
+    if isinstance(exc, (AdapterFormatError, LoRASlotError)):
+        return ApiError(400, f"invalid adapter: {exc}")
     if isinstance(exc, (RequestError, LoRASlotError, ValueError)):
         return ApiError(400, str(exc))
     return None

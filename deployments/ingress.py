@@ -79,15 +79,18 @@ class _Accumulator:
 
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: AppConfig, preprocessor, vision_encoder, decoder):
+    def __init__(self, config: AppConfig, preprocessor, vision_encoder, decoder, trainer, store):
         from transformers import AutoTokenizer
 
         self.config = config
         self.preprocessor = preprocessor
         self.vision = vision_encoder
         self.decoder = decoder
+        self.trainer = trainer
+        self.store = store
         self.model_name = config.model_name
         self.api_keys = config.keys("api")
+        self.admin_keys = config.keys("admin")
         self.created = int(time.time())
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
 
@@ -102,8 +105,18 @@ class Ingress:
         if header[7:].strip() not in self.api_keys:
             raise ApiError(401, "incorrect API key provided", type="authentication_error", code="invalid_api_key")
 
+    def _auth_admin(self, request: Request) -> None:
+        """Admin routes take an admin key when admin keys are set (else an API key, when those are)."""
+        keys = self.admin_keys or self.api_keys
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer ") or header[7:].strip() not in keys:
+            raise ApiError(401, "admin routes need an admin key: send 'Authorization: Bearer <admin key>'",
+                           type="authentication_error", code="invalid_api_key")
+
     @staticmethod
-    async def _body(request: Request, model: type) -> Any:
+    async def _json(request: Request) -> dict:
         raw = await request.body()
         try:
             body = json.loads(raw or b"null")
@@ -111,6 +124,11 @@ class Ingress:
             raise ApiError(400, f"request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
+        return body
+
+    @classmethod
+    async def _body(cls, request: Request, model: type) -> Any:
+        body = await cls._json(request)
         try:
             return model.model_validate(body)
         except ValidationError as e:
@@ -277,15 +295,123 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request):
         self._auth(request)
-        stats = await self.decoder.stats.remote()
-        adapters = [{"name": n, "version": v, "created": self.created} for n, v in sorted(stats["adapters"].items())]
+        listed = await self._call(self.store.list.remote())
+        adapters = [{"name": n, "version": a["version"], "created": int(a["created"])} for n, a in sorted(listed.items())]
         return JSONResponse(models_response(self.model_name, adapters, self.created))
+
+    # -- adapters (admin) -------------------------------------------------------------------
+    @staticmethod
+    async def _call(ref) -> Any:
+        """Await a store/trainer call, turning the errors inside Ray's wrappers into ApiErrors."""
+        try:
+            return await ref
+        except ApiError:
+            raise
+        except Exception as exc:
+            api = find_api_error(exc)
+            if api is None:
+                log.exception("admin call failed")
+                raise ApiError(500, f"internal error: {type(exc).__name__}", type="server_error") from None
+            raise api from None
+
+    def _allowed_path(self, path: Any) -> str:
+        import os
+
+        if not isinstance(path, str) or not path:
+            raise ApiError(400, "path must be a non-empty string naming a PEFT adapter folder", param="path")
+        real = os.path.realpath(path)
+        for d in self.config.adapter_load_dirs:
+            root = os.path.realpath(d)
+            if real == root or real.startswith(root + os.sep):
+                return real
+        raise ApiError(400, f"path {path!r} is outside the directories adapters may be loaded from "
+                            f"(adapter_load_dirs: {self.config.adapter_load_dirs})", param="path")
+
+    @staticmethod
+    def _version_headers(info: dict) -> dict:
+        return {"x-adapter-version": str(info["version"])} if "version" in info else {}
+
+    @app.get("/v1/adapters")
+    async def list_adapters(self, request: Request):
+        self._auth_admin(request)
+        adapters = await self._call(self.store.list.remote())
+        return JSONResponse({"object": "list", "data": [adapters[n] for n in sorted(adapters)]})
+
+    @app.get("/v1/adapters/{name}")
+    async def get_adapter(self, name: str, request: Request):
+        self._auth_admin(request)
+        versions = await self._call(self.store.versions.remote(name))
+        return JSONResponse({"name": name, "current": versions[-1]["version"] if versions else None,
+                             "versions": versions})
+
+    async def _load(self, name: Any, path: Any) -> dict:
+        if not isinstance(name, str):
+            raise ApiError(400, "name must be a string", param="name")
+        return await self._call(self.store.load_folder.remote(name, self._allowed_path(path)))
+
+    @app.post("/v1/adapters")
+    async def load_adapter(self, request: Request):
+        self._auth_admin(request)
+        body = await self._json(request)
+        info = await self._load(body.get("name"), body.get("path"))
+        return JSONResponse(info, headers=self._version_headers(info))
+
+    @app.delete("/v1/adapters/{name}")
+    async def delete_adapter(self, name: str, request: Request):
+        self._auth_admin(request)
+        await self._call(self.store.delete.remote(name))
+        return JSONResponse({"name": name, "deleted": True})
+
+    @app.post("/v1/adapters/{name}/rollback")
+    async def rollback_adapter(self, name: str, request: Request):
+        self._auth_admin(request)
+        body = await self._json(request) if (await request.body()) else {}
+        version = body.get("version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
+            raise ApiError(400, "version must be a positive integer", param="version")
+        info = await self._call(self.store.rollback.remote(name, version))
+        return JSONResponse(info, headers=self._version_headers(info))
+
+    @app.post("/v1/adapters/{name}/learn")
+    async def learn(self, name: str, request: Request):
+        self._auth_admin(request)
+        body = await self._json(request)
+        run_async = bool(body.pop("async", False))
+        if run_async:
+            job = await self._call(self.trainer.submit.remote(name, body))
+            return JSONResponse(job, status_code=202)
+        job = await self._call(self.trainer.learn.remote(name, body))
+        return JSONResponse(job["result"], headers=self._version_headers(job["result"]))
+
+    @app.get("/v1/adapters/{name}/jobs/{job_id}")
+    async def learn_job(self, name: str, job_id: str, request: Request):
+        self._auth_admin(request)
+        return JSONResponse(await self._call(self.trainer.job.remote(name, job_id)))
+
+    @app.post("/v1/load_lora_adapter")
+    async def vllm_load_lora_adapter(self, request: Request):
+        """vLLM's route, for clients that already use it (answers in plain text, as vLLM does)."""
+        self._auth_admin(request)
+        body = await self._json(request)
+        info = await self._load(body.get("lora_name"), body.get("lora_path"))
+        return Response(f"Success: LoRA adapter '{info['name']}' added successfully.", media_type="text/plain",
+                        headers=self._version_headers(info))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def vllm_unload_lora_adapter(self, request: Request):
+        self._auth_admin(request)
+        body = await self._json(request)
+        name = body.get("lora_name")
+        if not isinstance(name, str):
+            raise ApiError(400, "lora_name must be a string", param="lora_name")
+        await self._call(self.store.delete.remote(name))
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
 
     @app.get("/health")
     async def health(self):
         status = {}
         for name, handle in (("preprocessor", self.preprocessor), ("vision_encoder", self.vision),
-                             ("decoder", self.decoder)):
+                             ("decoder", self.decoder), ("trainer", self.trainer), ("adapter_store", self.store)):
             try:
                 status[name] = "ready" if await handle.ready.remote() else "not ready"
             except Exception as exc:  # noqa: BLE001 - reported, not raised

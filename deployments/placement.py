@@ -27,9 +27,10 @@ def actor_options(replica: ReplicaConfig, gpu_share: float) -> dict:
 
 
 def gpu_shares(config: AppConfig, cluster_gpus: float) -> dict[str, float]:
-    """Auto GPU split: the vision encoder takes a tenth of a GPU per replica, decoders share the rest."""
+    """Auto GPU split: a tenth of a GPU per vision-encoder replica, a fifth for the trainer, decoders share the rest."""
     if cluster_gpus <= 0 or config.device == "cpu":
-        return {"vision_encoder": 0.0, "decoder": 0.0}
-    vision = 0.1
-    left = cluster_gpus - vision * config.vision_encoder.num_replicas
-    return {"vision_encoder": vision, "decoder": max(0.1, min(1.0, left / config.decoder.num_replicas))}
+        return {"vision_encoder": 0.0, "trainer": 0.0, "decoder": 0.0}
+    vision, trainer = 0.1, 0.2
+    left = cluster_gpus - vision * config.vision_encoder.num_replicas - trainer * config.trainer.num_replicas
+    return {"vision_encoder": vision, "trainer": trainer,
+            "decoder": max(0.1, min(1.0, left / config.decoder.num_replicas))}

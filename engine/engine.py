@@ -71,7 +71,7 @@ class LLMEngine:
         self.kv = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, dtype,
                           config.device)
         self.slots = (AdapterSlots(config.max_loras, config.max_lora_rank,
-                                   self.model.module_shapes(config.lora_target_modules), dtype, config.device)
+                                   mc.lora_module_shapes(config.lora_target_modules), dtype, config.device)
                       if config.max_loras > 0 else None)
         self.loras = LoRAManager(self.slots)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)

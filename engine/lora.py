@@ -33,6 +33,22 @@ class LoRASlotError(ValueError):
     """An adapter does not fit the slots (rank, module or shape mismatch)."""
 
 
+def check_lora_fits(lora: LoRAWeights, module_shapes: dict[tuple[int, str], tuple[int, int]], max_rank: int) -> None:
+    """Raise LoRASlotError saying what is wrong if `lora` does not fit the base model and rank limit."""
+    if lora.rank > max_rank:
+        raise LoRASlotError(f"adapter rank {lora.rank} exceeds the engine's max_lora_rank {max_rank}")
+    for key, (a, b) in lora.weights.items():
+        if key not in module_shapes:
+            layer, mod = key
+            raise LoRASlotError(f"adapter targets layer {layer} module {mod!r}, which this engine does not serve")
+        i, o = module_shapes[key]
+        if a.shape[1] != i or b.shape[0] != o or a.shape[0] != b.shape[1] or a.shape[0] > max_rank:
+            raise LoRASlotError(
+                f"adapter weights for layer {key[0]} {key[1]} have shapes A{tuple(a.shape)} B{tuple(b.shape)}; "
+                f"the base model needs A[r, {i}] and B[{o}, r] with r <= {max_rank}"
+            )
+
+
 class AdapterSlots:
     """Preallocated LoRA weights for `num_slots` adapters on every (layer, target module)."""
 
@@ -47,18 +63,7 @@ class AdapterSlots:
 
     def check(self, lora: LoRAWeights) -> None:
         """Raise LoRASlotError with what is wrong if `lora` cannot be loaded; loads nothing."""
-        if lora.rank > self.max_rank:
-            raise LoRASlotError(f"adapter rank {lora.rank} exceeds the engine's max_lora_rank {self.max_rank}")
-        for key, (a, b) in lora.weights.items():
-            if key not in self.module_shapes:
-                layer, mod = key
-                raise LoRASlotError(f"adapter targets layer {layer} module {mod!r}, which this engine does not serve")
-            i, o = self.module_shapes[key]
-            if a.shape[1] != i or b.shape[0] != o or a.shape[0] != b.shape[1] or a.shape[0] > self.max_rank:
-                raise LoRASlotError(
-                    f"adapter weights for layer {key[0]} {key[1]} have shapes A{tuple(a.shape)} B{tuple(b.shape)}; "
-                    f"the base model needs A[r, {i}] and B[{o}, r] with r <= {self.max_rank}"
-                )
+        check_lora_fits(lora, self.module_shapes, self.max_rank)
 
     def load(self, slot: int, lora: LoRAWeights) -> None:
         """Write `lora` into `slot` in place (other slots untouched); modules it lacks become zero."""

@@ -43,6 +43,13 @@ class TextConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def lora_module_shapes(self, targets: tuple[str, ...]) -> dict[tuple[int, str], tuple[int, int]]:
+        """(layer, module) -> (in, out) of every LoRA-targetable linear layer, from the config alone."""
+        h, kv, inter = self.hidden_size, self.num_kv_heads * self.head_dim, self.intermediate_size
+        shape = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                 "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+        return {(i, m): shape[m] for i in range(self.num_layers) for m in targets}
+
     @staticmethod
     def from_pretrained(model_dir: str | Path) -> "TextConfig":
         d = Path(model_dir)
@@ -164,11 +171,6 @@ class QwenTextModel(nn.Module):
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = MRoPE(cfg)
-
-    def module_shapes(self, targets: tuple[str, ...]) -> dict[tuple[int, str], tuple[int, int]]:
-        """(layer, module) -> (in, out) of every LoRA-targetable linear layer."""
-        return {(i, m): (getattr(l, m).in_features, getattr(l, m).out_features)
-                for i, l in enumerate(self.layers) for m in targets}
 
     @staticmethod
     def from_pretrained(model_dir: str | Path, device="cpu", dtype=torch.float32) -> "QwenTextModel":

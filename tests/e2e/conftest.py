@@ -21,17 +21,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def base_config(model_dir, store_dir, **over) -> dict:
+def base_config(model_dir, store_dir, load_dir=None, **over) -> dict:
     cfg = {
         "model_dir": str(model_dir),
         "served_model_name": "tiny",
         "adapter_store_dir": str(store_dir),
+        "adapter_load_dirs": [str(load_dir)] if load_dir else [],
         "engine": {"max_num_seqs": 32, "kv_cache_memory_mb": 16, "block_size": 16, "max_model_len": 1024,
                    "max_loras": 4, "max_lora_rank": 16},
         "preprocessor": {"num_replicas": 1, "num_cpus": 0.1},
         "vision_encoder": {"num_replicas": 1, "num_cpus": 0.1},
         "decoder": {"num_replicas": 2, "num_cpus": 0.1},
         "ingress": {"num_replicas": 1, "num_cpus": 0.1},
+        "trainer": {"num_replicas": 1, "num_cpus": 0.1},
     }
     for k, v in over.items():
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
@@ -51,12 +53,13 @@ def serve_instance(tiny_model_dir, tmp_path_factory):
                                        "TOKENIZERS_PARALLELISM": "false"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     store = tmp_path_factory.mktemp("store")
-    serve.run(build_app(base_config(tiny_model_dir, store)), name="vlora", route_prefix="/")
+    uploads = tmp_path_factory.mktemp("uploads")  # the only place POST /v1/adapters may load from
+    serve.run(build_app(base_config(tiny_model_dir, store, uploads)), name="vlora", route_prefix="/")
     overload = base_config(tiny_model_dir, tmp_path_factory.mktemp("store2"),
                            engine={"max_num_seqs": 1, "max_waiting_requests": 1},
                            decoder={"num_replicas": 1, "num_cpus": 0.1})
     serve.run(build_app(overload), name="overload", route_prefix="/overload")
-    yield {"url": f"http://127.0.0.1:{port}", "store": store}
+    yield {"url": f"http://127.0.0.1:{port}", "store": store, "uploads": uploads}
     serve.shutdown()
     ray.shutdown()
 

@@ -123,7 +123,8 @@ def test_models_lists_the_base_model(client):
 def test_health_reports_every_deployment(base_url):
     r = httpx.get(f"{base_url}/health")
     assert r.status_code == 200
-    assert r.json()["deployments"] == {"preprocessor": "ready", "vision_encoder": "ready", "decoder": "ready"}
+    assert r.json()["deployments"] == {"preprocessor": "ready", "vision_encoder": "ready", "decoder": "ready",
+                                       "trainer": "ready", "adapter_store": "ready"}
 
 
 # -- errors ----------------------------------------------------------------------------------

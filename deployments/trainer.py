@@ -1,0 +1,174 @@
+"""Trainer deployment (GPU when present): online LoRA learning jobs that publish new versions.
+
+Jobs for one adapter run one at a time, in submission order (a per-adapter asyncio lock, which
+is FIFO); jobs for different adapters may interleave. Each job starts from the adapter's current
+version (or fresh LoRA weights for a new adapter), trains against the frozen base, and
+publishes through the AdapterStore; a diverged job publishes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import ray
+import torch
+
+from adapters.registry import AdapterNotFoundError, validate_adapter_name
+from adapters.trainer import LoRATrainer, TrainingDataError, TrainingDivergedError
+from deployments.config import AppConfig
+from deployments.openai_api import ApiError
+from deployments.placement import resolve_device_dtype
+from engine.config import LORA_TARGET_MODULES
+from engine.images import ImageLoadPolicy
+
+MAX_STEPS = 10_000
+MAX_EXAMPLES = 10_000
+
+
+@dataclass(slots=True)
+class LearnParams:
+    examples: list[dict]
+    steps: int = 20
+    learning_rate: float = 1e-3
+    rank: int = 8
+    lora_alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    use_rslora: bool = False
+
+    def check(self, max_rank: int) -> None:
+        if not isinstance(self.examples, list) or not self.examples:
+            raise ApiError(400, "examples must be a non-empty list of {\"messages\": [...]} objects",
+                           param="examples")
+        if len(self.examples) > MAX_EXAMPLES:
+            raise ApiError(400, f"at most {MAX_EXAMPLES} examples per learn call", param="examples")
+        if not isinstance(self.steps, int) or not 0 <= self.steps <= MAX_STEPS:
+            raise ApiError(400, f"steps must be an integer in [0, {MAX_STEPS}]", param="steps")
+        if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
+            raise ApiError(400, "learning_rate must be a positive number", param="learning_rate")
+        if not isinstance(self.rank, int) or not 1 <= self.rank <= max_rank:
+            raise ApiError(400, f"rank must be an integer in [1, {max_rank}] (the server's max_lora_rank)",
+                           param="rank")
+        bad = [m for m in self.target_modules if m not in LORA_TARGET_MODULES]
+        if bad or not self.target_modules:
+            raise ApiError(400, f"target_modules must be a non-empty subset of {list(LORA_TARGET_MODULES)}",
+                           param="target_modules")
+
+
+@dataclass(slots=True)
+class Job:
+    id: str
+    adapter: str
+    status: str = "queued"  # queued | running | succeeded | failed
+    created: float = field(default_factory=time.time)
+    steps: int = 0
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    result: dict | None = None
+    error: dict | None = None
+
+    def view(self) -> dict:
+        return asdict(self)
+
+
+class Trainer:
+    def __init__(self, config: AppConfig, store):
+        device, dtype = resolve_device_dtype(config)
+        im = config.images
+        policy = ImageLoadPolicy(max_bytes=im.max_image_bytes, max_image_pixels=im.max_image_pixels,
+                                 allow_http=im.allow_http, http_timeout_s=im.http_timeout_s,
+                                 allowed_local_dirs=tuple(im.allowed_local_dirs))
+        # Training needs float32 master weights on CPU; on GPU bf16 activations are fine for LoRA.
+        self.trainer = LoRATrainer(config.model_dir, device=device, dtype=getattr(torch, dtype), image_policy=policy)
+        self.store = store
+        self.max_rank = config.engine.max_lora_rank
+        self.jobs: dict[str, Job] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._gpu = asyncio.Lock()  # one training job on the device at a time
+        self._ids = itertools.count(1)
+
+    async def submit(self, name: str, params: dict) -> dict:
+        """Queue a learn job; returns its view at once (status 'queued')."""
+        job, p = self._new_job(name, params)
+        asyncio.get_running_loop().create_task(self._run(job, p))
+        return job.view()
+
+    async def learn(self, name: str, params: dict) -> dict:
+        """Run a learn job to the end and return its final view (raises ApiError on failure)."""
+        job, p = self._new_job(name, params)
+        await self._run(job, p)
+        if job.status == "failed":
+            raise ApiError(job.error["status"], job.error["message"])
+        return job.view()
+
+    def _new_job(self, name: str, params: dict) -> tuple[Job, LearnParams]:
+        try:
+            validate_adapter_name(name)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="name") from None
+        known = {f for f in LearnParams.__dataclass_fields__}
+        unknown = set(params) - known
+        if unknown:
+            raise ApiError(400, f"unknown learn parameters {sorted(unknown)}; expected {sorted(known)}")
+        try:
+            p = LearnParams(**params)
+        except TypeError as e:
+            raise ApiError(400, f"invalid learn request: {e}") from None
+        p.check(self.max_rank)
+        job = Job(id=f"job-{next(self._ids)}", adapter=name, steps=p.steps)
+        self.jobs[job.id] = job
+        return job, p
+
+    async def _run(self, job: Job, p: LearnParams) -> None:
+        async with self._locks[job.adapter]:  # FIFO per adapter
+            async with self._gpu:
+                job.status = "running"
+                try:
+                    job.result = await self._train_and_publish(job, p)
+                    job.status = "succeeded"
+                except ApiError as e:
+                    job.status, job.error = "failed", {"status": e.status, "message": e.message}
+                except Exception as e:  # noqa: BLE001 - recorded on the job, reported to the client
+                    job.status, job.error = "failed", {"status": 500, "message": f"{type(e).__name__}: {e}"}
+
+    async def _train_and_publish(self, job: Job, p: LearnParams) -> dict:
+        init, parent, alpha, rslora = None, None, p.lora_alpha, p.use_rslora
+        current = await self.store.list.remote()
+        if job.adapter in current:
+            parent = current[job.adapter]["version"]
+            ref = (await self.store.get_weights.remote(job.adapter, parent))[0]
+            init = await ref
+            alpha, rslora = current[job.adapter]["lora_alpha"], current[job.adapter]["use_rslora"]
+
+        def progress(step: int, loss: float) -> None:
+            job.step = step
+            job.losses.append(loss)
+
+        try:
+            res = await asyncio.to_thread(
+                self.trainer.train, p.examples, steps=p.steps, learning_rate=p.learning_rate,
+                rank=init.rank if init else p.rank, lora_alpha=alpha, target_modules=p.target_modules,
+                use_rslora=rslora, init=init, init_alpha=alpha if init else None, progress=progress)
+        except TrainingDivergedError as e:
+            raise ApiError(422, f"{e}; nothing was published, version {parent} is still served"
+                           if parent else f"{e}; nothing was published") from None
+        except (TrainingDataError, ValueError) as e:
+            raise ApiError(400, str(e), param="examples") from None
+        metrics = {"loss_before": res.loss_before, "loss_after": res.loss_after, "steps": res.steps,
+                   "num_examples": res.num_examples, "seconds": res.seconds}
+        info = await self.store.publish.remote(job.adapter, res.weights, res.lora_alpha, res.use_rslora, "learned",
+                                               parent, metrics)
+        return {"adapter": job.adapter, "version": info["version"], "parent_version": parent, **metrics,
+                "replicas_synced": info["replicas_synced"]}
+
+    async def job(self, name: str, job_id: str) -> dict:
+        job = self.jobs.get(job_id)
+        if job is None or job.adapter != name:
+            raise ApiError(404, f"no job {job_id!r} for adapter {name!r}", code="job_not_found")
+        return job.view()
+
+    async def ready(self) -> bool:
+        return True
