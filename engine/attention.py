@@ -19,7 +19,7 @@ import torch.nn.functional as F
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache index (block * block_size + offset) of each new token
     q_index: torch.Tensor  # [B, Qmax] row in the packed batch of each (seq, query) pair, padded with 0
-    q_valid: torch.Tensor  # [B, Qmax] bool
+    out_index: torch.Tensor  # [T] position in the flattened [B*Qmax] padded layout of each packed token
     kv_index: torch.Tensor  # [B, Kmax] flat cache index of each context position, padded with 0
     mask: torch.Tensor  # [B, 1, Qmax, Kmax] bool: causal within the context, padding masked
 
@@ -47,14 +47,14 @@ class AttentionMetadata:
         mask = (kj.view(1, 1, -1) <= q_pos.unsqueeze(-1)) & kv_valid.unsqueeze(1)
         # Padded query rows attend to position 0 so SDPA never sees an all-masked row (no NaN).
         mask = mask | (~q_valid.unsqueeze(-1) & (kj.view(1, 1, -1) == 0))
-        slots = []
-        for t, c, n in zip(block_tables, num_computed, num_new):
-            pos = torch.arange(c, c + n)
-            slots.append(torch.tensor(t, dtype=torch.long)[pos // block_size] * block_size + pos % block_size)
+        q_block = table.gather(1, (q_pos // block_size).clamp(max=nb - 1))
+        slot_mapping = (q_block * block_size + q_pos % block_size)[q_valid]  # packed order: seq-major
+        out_index = torch.arange(B * qmax).view(B, qmax)[q_valid]
+        # Index tensors are built on the CPU and copied once, so the device never syncs on them.
         return AttentionMetadata(
-            slot_mapping=torch.cat(slots).to(device),
+            slot_mapping=slot_mapping.to(device),
             q_index=q_index.to(device),
-            q_valid=q_valid.to(device),
+            out_index=out_index.to(device),
             kv_index=kv_index.to(device),
             mask=mask.unsqueeze(1).to(device),
         )
@@ -69,9 +69,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     vc = v_cache.view(-1, kvh, D)
     kc.index_copy_(0, meta.slot_mapping, k)
     vc.index_copy_(0, meta.slot_mapping, v)
-    qb = q[meta.q_index].transpose(1, 2)  # [B, H, Qmax, D]
-    kb = kc[meta.kv_index].transpose(1, 2)  # [B, KVH, Kmax, D]
-    vb = vc[meta.kv_index].transpose(1, 2)
+    B, qmax = meta.q_index.shape
+    kmax = meta.kv_index.shape[1]
+    qb = q.index_select(0, meta.q_index.flatten()).view(B, qmax, H, D).transpose(1, 2)  # [B, H, Qmax, D]
+    kb = kc.index_select(0, meta.kv_index.flatten()).view(B, kmax, kvh, D).transpose(1, 2)  # [B, KVH, Kmax, D]
+    vb = vc.index_select(0, meta.kv_index.flatten()).view(B, kmax, kvh, D).transpose(1, 2)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=meta.mask, scale=scale, enable_gqa=H != kvh)
-    out = out.transpose(1, 2)[meta.q_valid]  # [T, H, D] in packed order
+    out = out.transpose(1, 2).reshape(B * qmax, H, D).index_select(0, meta.out_index)  # [T, H, D] packed order
     return out.reshape(T, H * D)

@@ -93,14 +93,16 @@ class LoRABatch:
     mask: torch.Tensor  # [R, slots*rank] 1 inside the row's slot block, else 0
 
     @staticmethod
-    def build(slot_per_token: torch.Tensor, num_slots: int, max_rank: int, dtype: torch.dtype) -> "LoRABatch | None":
-        rows = torch.nonzero(slot_per_token >= 0).flatten()
-        if rows.numel() == 0:
+    def build(slot_per_token: list[int], num_slots: int, max_rank: int, dtype: torch.dtype,
+              device: str | torch.device = "cpu") -> "LoRABatch | None":
+        """From per-token slots (a CPU list, so building it never syncs the device); None if no row uses LoRA."""
+        rows = [i for i, s in enumerate(slot_per_token) if s >= 0]
+        if not rows:
             return None
-        slots = slot_per_token[rows]
-        block = torch.arange(num_slots * max_rank, device=slot_per_token.device) // max_rank
+        slots = torch.tensor([slot_per_token[i] for i in rows])
+        block = torch.arange(num_slots * max_rank) // max_rank
         mask = (block.unsqueeze(0) == slots.unsqueeze(1)).to(dtype)
-        return LoRABatch(rows=rows, mask=mask)
+        return LoRABatch(rows=torch.tensor(rows).to(device), mask=mask.to(device))
 
 
 def apply_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: LoRABatch | None) -> torch.Tensor:

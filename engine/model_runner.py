@@ -29,7 +29,7 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids.extend(seq.tokens(start, end))
             pos.append(seq.positions(start, end))
-            lora_idx.append(torch.full((n,), seq.adapter_slot, dtype=torch.long))
+            lora_idx.extend([seq.adapter_slot] * n)
             img = seq.image_rows(start, end)
             if img is not None:
                 img_rows.append(img[0] + offset)
@@ -44,8 +44,8 @@ class ModelRunner:
                                        batch.num_new_tokens, self.block_size, dev)
         lora = None
         if self.slots is not None:
-            lora = LoRABatch.build(torch.cat(lora_idx).to(dev), self.slots.num_slots, self.slots.max_rank,
-                                   self.model.lm_head.weight.dtype)
+            lora = LoRABatch.build(lora_idx, self.slots.num_slots, self.slots.max_rank,
+                                   self.model.lm_head.weight.dtype, dev)
         logits = self.model(
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.cat(pos, dim=1).to(dev),
