@@ -1,6 +1,7 @@
 """The `vlora` command line: chat, list models, check health, benchmark, make the tiny model,
-manage versioned adapters (`vlora adapters list|show|load|delete|rollback|job`) and train them
-online (`vlora learn NAME --data examples.jsonl`).
+manage versioned adapters (`vlora adapters list|show|load|delete|rollback|job`), train them
+online (`vlora learn NAME --data examples.jsonl`) and sample their training data with optimal
+sampling (`vlora generate-data --student A --teacher B --prompts p.jsonl --out data.jsonl`).
 
 Server errors are reported as one `error: <status> <message>` line on stderr with exit code
 1, never a traceback: the message is the server's own, which already says what to fix.
@@ -322,6 +323,21 @@ def _cmd_learn(args) -> int:
     return 0
 
 
+# -- generate-data ---------------------------------------------------------------------------
+def _cmd_generate_data(args) -> int:
+    from client.datagen import DatagenConfig, format_summary, generate_data, load_prompts
+
+    cfg = DatagenConfig(student=args.student, teacher=args.teacher, concurrency=args.concurrency,
+                        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                        alpha_method=args.alpha_method, fixed_alpha=args.fixed_alpha, alpha_min=args.alpha_min,
+                        alpha_max=args.alpha_max, teacher_top_k=args.teacher_top_k, teacher_top_p=args.teacher_top_p,
+                        samples_per_prompt=args.samples_per_prompt)
+    prompts = load_prompts(args.prompts, args.image_dir)  # before anything is sent: a bad line sends nothing
+    summary = generate_data(_client(args), prompts, args.out, cfg, progress=None if args.progress else False)
+    print(format_summary(summary))
+    return 0 if summary["failed"] == 0 and summary["written"] > 0 else 1
+
+
 # -- tiny-model ------------------------------------------------------------------------------
 def _cmd_tiny_model(args) -> int:
     from engine.tiny import write_tiny_model
@@ -432,6 +448,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="submit the job, print its id and return")
     lr.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     lr.set_defaults(func=_cmd_learn)
+
+    g = sub.add_parser("generate-data", parents=[common],
+                       help="sample training data with optimal sampling (a student steered by a teacher)")
+    g.add_argument("--student", required=True, help="the model that samples (base model or adapter name)")
+    g.add_argument("--teacher", required=True, help="the steering policy: 'base' or an adapter name")
+    g.add_argument("--prompts", required=True, metavar="JSONL",
+                   help='one {"messages": [...]} or {"prompt": "text"} object per line, optionally with '
+                        '"teacher_messages" / "teacher_prompt" (the teacher\'s own prompt)')
+    g.add_argument("--out", required=True, metavar="JSONL",
+                   help='output: one {"prompt": [...], "output": "...", diagnostics...} line per sample, '
+                        "in prompt order (the format `vlora learn --data` reads)")
+    g.add_argument("--image-dir", metavar="DIR",
+                   help="folder for relative local image paths (default: the prompts file's folder)")
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    g.add_argument("--samples-per-prompt", type=int, default=1)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--seed", type=int, help="sample k (in output order) is sent seed + k")
+    g.add_argument("--alpha-method", default="kl_symmetry",
+                   choices=["fixed", "kl_symmetry", "reverse_kl_symmetry", "ess_balance", "entropy"],
+                   help="how the teacher's weight alpha is chosen per token (default %(default)s)")
+    g.add_argument("--fixed-alpha", type=float, default=0.5, help="alpha for --alpha-method fixed")
+    g.add_argument("--alpha-min", type=float, default=0.0, help="lower clamp of a solved alpha")
+    g.add_argument("--alpha-max", type=float, default=1.0, help="upper clamp of a solved alpha")
+    g.add_argument("--teacher-top-k", type=int, default=0, help="restrict sampling to the teacher's top k (0 = off)")
+    g.add_argument("--teacher-top-p", type=float, default=1.0, help="restrict sampling to the teacher's top-p nucleus")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.set_defaults(func=_cmd_generate_data)
 
     t = sub.add_parser("tiny-model", help="write the embedded tiny random-weight Qwen2.5-VL checkpoint")
     t.add_argument("dir")

@@ -167,23 +167,33 @@ def example_from_record(record: Any, base_dir: str | os.PathLike = ".") -> dict:
         if not isinstance(messages, list) or not messages:
             raise ValueError("'messages' must be a non-empty list of chat messages")
     elif "prompt" in record:
-        prompt, output = record["prompt"], record.get("output")
+        output = record.get("output")
         if not isinstance(output, str):
             raise ValueError("a record with 'prompt' needs an 'output' string (the assistant's answer)")
-        if isinstance(prompt, str):
-            images = record.get("images") or []
-            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-                raise ValueError("'images' must be a list of image paths or URLs")
-            parts = [{"type": "image_url", "image_url": {"url": i}} for i in images]
-            messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}] if parts else prompt}]
-        elif isinstance(prompt, list) and prompt:
-            messages = list(prompt)
-        else:
-            raise ValueError("'prompt' must be a string or a non-empty list of chat messages")
-        messages = [*messages, {"role": "assistant", "content": output}]
+        messages = [*_prompt_list(record["prompt"], record.get("images")), {"role": "assistant", "content": output}]
     else:
         raise ValueError('missing "messages" (expected {"messages": [...]} or {"prompt": ..., "output": "..."})')
     return {"messages": _inline_images(messages, base)}
+
+
+def _prompt_list(prompt: Any, images: Any = None, key: str = "prompt") -> list:
+    if isinstance(prompt, str):
+        images = images or []
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise ValueError("'images' must be a list of image paths or URLs")
+        parts = [{"type": "image_url", "image_url": {"url": i}} for i in images]
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}] if parts else prompt}]
+    if isinstance(prompt, list) and prompt:
+        return list(prompt)
+    raise ValueError(f"'{key}' must be a string or a non-empty list of chat messages")
+
+
+def prompt_messages(prompt: Any, images: Any = None, base_dir: str | os.PathLike = ".", key: str = "prompt") -> list:
+    """The chat messages of a prompt, as `example_from_record` reads them: a string is one user
+    turn (with `images`, paths or URLs, before the text), a non-empty list is taken as messages.
+    Local image paths become data URLs (relative ones taken from `base_dir`). `key` names the
+    field in error messages. Raises ValueError saying what is wrong."""
+    return _inline_images(_prompt_list(prompt, images, key), Path(base_dir).expanduser())
 
 
 def load_examples(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[dict]:
@@ -355,6 +365,30 @@ class VloraClient:
                                     job=job)
             time.sleep(poll_s)
             job = self.job(name, job["id"])
+
+    def generate_data(self, prompts: str | os.PathLike | Iterable[dict], out: str | os.PathLike, *, student: str,
+                      teacher: str, image_dir: str | os.PathLike | None = None, progress: bool | None = False,
+                      **options: Any) -> dict:
+        """Optimal-sampling data generation (`vlora generate-data`): sample each prompt with
+        `student` steered by `teacher` ("base" or an adapter) and write one `{"prompt", "output",
+        ...diagnostics}` line per sample to `out`, in prompt order. `prompts` is a JSONL path or
+        records (`{"messages": [...]}` / `{"prompt": "text"}`, optionally `teacher_messages` /
+        `teacher_prompt`); `options` are `client.datagen.DatagenConfig` fields (alpha_method,
+        samples_per_prompt, concurrency, ...). Returns the run's summary dict. Runs its own event
+        loop, so call it from synchronous code (async code: `client.datagen.run_datagen`)."""
+        from client.datagen import DatagenConfig, generate_data, load_prompts, prompt_from_record
+
+        cfg = DatagenConfig(student=student, teacher=teacher, **options)
+        if isinstance(prompts, (str, os.PathLike)):
+            records = load_prompts(prompts, image_dir)
+        else:
+            records = []
+            for n, r in enumerate(prompts):
+                try:
+                    records.append(prompt_from_record(r, image_dir if image_dir is not None else "."))
+                except ValueError as e:
+                    raise ValueError(f"prompt {n}: {e}") from None
+        return generate_data(self, records, out, cfg, progress=progress)
 
     def close(self) -> None:
         self.openai.close()

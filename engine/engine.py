@@ -27,6 +27,7 @@ from engine.lora import AdapterSlots, LoRAWeights
 from engine.lora_manager import LoRAManager
 from engine.model import QwenTextModel
 from engine.model_runner import ModelRunner
+from engine.optimal_sampling import OptimalSampler, OptimalSamplingParams
 from engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
 from engine.sampling import RowState, Sampler, SamplingParams
 from engine.scheduler import Scheduler
@@ -55,6 +56,20 @@ class _Request:
     adapter: str | None
     adapter_version: int | None
     pending: list[ChoiceDelta] = field(default_factory=list)
+    optimal: OptimalSamplingParams | None = None
+    teacher_adapter: str | None = None
+
+    @property
+    def all_seqs(self) -> list[Sequence]:
+        """Students (the client's choices) and their teacher rows."""
+        return self.seqs + [s.partner for s in self.seqs if s.partner is not None]
+
+
+def _prompt_parts(prompt: Any) -> tuple[list[int], torch.Tensor | None, int]:
+    """(token ids, M-RoPE positions or None, rope delta) of a token list or a PreparedPrompt."""
+    if isinstance(prompt, (list, tuple)):
+        return list(prompt), None, 0
+    return list(prompt.token_ids), getattr(prompt, "positions", None), int(getattr(prompt, "rope_delta", 0))
 
 
 class LLMEngine:
@@ -77,9 +92,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv, self.slots, config.block_size, config.device)
         self.sampler = Sampler()
+        self.optimal_sampler = OptimalSampler()
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(config.model_dir)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
+        self.special_token_ids = frozenset(self.tokenizer.all_special_ids) | self.eos_token_ids
         self.requests: dict[str, _Request] = {}
         self._waiting_for_slot: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -95,28 +112,48 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
-                    image_embeds: torch.Tensor | None = None, request_id: str | None = None) -> str:
-        """Queue a request; `prompt` is a list of token ids or a PreparedPrompt. Returns its id."""
-        ids = list(prompt) if isinstance(prompt, (list, tuple)) else list(prompt.token_ids)
-        positions = None if isinstance(prompt, (list, tuple)) else getattr(prompt, "positions", None)
-        rope_delta = 0 if isinstance(prompt, (list, tuple)) else int(getattr(prompt, "rope_delta", 0))
+                    image_embeds: torch.Tensor | None = None, request_id: str | None = None,
+                    optimal: OptimalSamplingParams | None = None, teacher_prompt: Any = None,
+                    teacher_image_embeds: torch.Tensor | None = None) -> str:
+        """Queue a request; `prompt` is a list of token ids or a PreparedPrompt. Returns its id.
+
+        With `optimal`, every choice gets a teacher row (`optimal.teacher`: "base" or an adapter, on
+        `teacher_prompt` if given, else the same prompt) and tokens are drawn from the q* mixture.
+        """
+        ids, positions, rope_delta = _prompt_parts(prompt)
         request_id = request_id or uuid.uuid4().hex
         self._validate(ids, sampling, image_embeds, request_id)
         version = self.loras.version(adapter) if adapter is not None else None
+        teacher_adapter = None
+        if optimal is not None:
+            teacher_adapter = None if optimal.teacher == "base" else optimal.teacher
+            if teacher_adapter is not None:
+                self.loras.version(teacher_adapter)  # unknown teacher: UnknownAdapterError before anything changes
+            if teacher_prompt is None:
+                teacher_prompt, teacher_image_embeds = prompt, image_embeds
+            t_ids, t_positions, t_delta = _prompt_parts(teacher_prompt)
+            self._validate(t_ids, sampling, teacher_image_embeds, None)
         seqs = []
         for i in range(sampling.n):
             seq = Sequence(request_id, i, ids, sampling, prompt_positions=positions, rope_delta=rope_delta,
                            image_embeds=image_embeds, image_token_id=self.model.cfg.image_token_id)
             seq.state = _SeqState(RowState.create(sampling, index=i), IncrementalDetokenizer(self.tokenizer),
                                   StopChecker(sampling.stop, sampling.include_stop_str_in_output))
+            if optimal is not None:
+                seq.partner = Sequence(request_id, i, t_ids, sampling, prompt_positions=t_positions,
+                                       rope_delta=t_delta, image_embeds=teacher_image_embeds,
+                                       image_token_id=self.model.cfg.image_token_id, partner=seq, is_teacher=True)
             seqs.append(seq)
-        self.requests[request_id] = _Request(request_id, seqs, len(ids), adapter, version)
+        self.requests[request_id] = _Request(request_id, seqs, len(ids), adapter, version, optimal=optimal,
+                                             teacher_adapter=teacher_adapter)
         for seq in seqs:
             self._admit(seq, adapter)
+            if seq.partner is not None:
+                self._admit(seq.partner, teacher_adapter)
         return request_id
 
-    def _validate(self, ids: list[int], sampling: SamplingParams, image_embeds, request_id: str) -> None:
-        if request_id in self.requests:
+    def _validate(self, ids: list[int], sampling: SamplingParams, image_embeds, request_id: str | None) -> None:
+        if request_id is not None and request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         if not ids:
             raise RequestError("the prompt is empty")
@@ -152,13 +189,7 @@ class LLMEngine:
         if req is None:
             return False
         for seq in req.seqs:
-            if seq.status is not SeqStatus.FINISHED:
-                if seq in self._waiting_for_slot:
-                    self._waiting_for_slot.remove(seq)
-                    seq.status = SeqStatus.FINISHED
-                    seq.finish_reason = "abort"
-                else:
-                    self._finish(seq, "abort")
+            self._finish(seq, "abort")
         return True
 
     def has_unfinished(self) -> bool:
@@ -168,7 +199,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         while self._waiting_for_slot:
             seq = self._waiting_for_slot[0]
-            slot = self.loras.acquire(self.requests[seq.request_id].adapter)
+            req = self.requests[seq.request_id]
+            slot = self.loras.acquire(req.teacher_adapter if seq.is_teacher else req.adapter)
             if slot is None:
                 break
             self._waiting_for_slot.popleft()
@@ -182,15 +214,43 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
         touched: dict[str, _Request] = {}
-        if samplers:
-            result = self.sampler.sample(logits, [s.state.row for s in samplers])
-            for i, seq in enumerate(samplers):
+        plain = [i for i, s in enumerate(samplers) if s.partner is None]
+        if plain:
+            rows = [samplers[i] for i in plain]
+            result = self.sampler.sample(logits[plain] if len(plain) < len(samplers) else logits,
+                                         [s.state.row for s in rows])
+            for j, seq in enumerate(rows):
                 req = self.requests[seq.request_id]
-                self._append(seq, req, result.token_ids[i], result.logprobs[i], result.top_logprobs[i])
+                self._append(seq, req, result.token_ids[j], result.logprobs[j], result.top_logprobs[j])
                 touched[req.request_id] = req
+        pairs = []
+        for i, seq in enumerate(samplers):
+            if seq.partner is None:
+                continue
+            seq.pending_logits = logits[i]
+            if seq.partner.pending_logits is not None:
+                pairs.append(seq.partner if seq.is_teacher else seq)
+        if pairs:
+            self._sample_pairs(pairs, touched)
         return [self._report(req) for req in touched.values()]
 
-    def _append(self, seq: Sequence, req: _Request, token: int, logprob, top) -> None:
+    def _sample_pairs(self, students: list[Sequence], touched: dict[str, _Request]) -> None:
+        """One q* draw per (student, teacher) pair whose next-token logits are both ready."""
+        z_s = torch.stack([s.pending_logits for s in students])
+        z_t = torch.stack([s.partner.pending_logits for s in students])
+        rows = [s.state.row for s in students]
+        reqs = [self.requests[s.request_id] for s in students]
+        tokens, diags = self.optimal_sampler.sample(z_s, z_t, rows, [r.optimal for r in reqs],
+                                                    [not s.output_token_ids for s in students], self.special_token_ids)
+        lps, tops = self.sampler._logprobs(z_s, torch.tensor(tokens, device=z_s.device), rows)
+        for j, seq in enumerate(students):
+            seq.pending_logits = seq.partner.pending_logits = None
+            seq.partner.output_token_ids.append(tokens[j])
+            diag = [{"token_id": tokens[j], **diags[j].to_dict()}] if diags[j] is not None else None
+            self._append(seq, reqs[j], tokens[j], lps[j], tops[j], diag)
+            touched[reqs[j].request_id] = reqs[j]
+
+    def _append(self, seq: Sequence, req: _Request, token: int, logprob, top, diagnostics=None) -> None:
         st: _SeqState = seq.state
         sp = seq.sampling
         seq.output_token_ids.append(token)
@@ -208,15 +268,23 @@ class LLMEngine:
                 tail, hit = st.stop.push(st.detok.flush())
                 text += tail + ("" if hit else st.stop.flush())
                 reason = "stop" if hit else "length"
-        req.pending.append(ChoiceDelta(seq.index, text, [token], [lp] if lp else None, reason))
+        req.pending.append(ChoiceDelta(seq.index, text, [token], [lp] if lp else None, reason, diagnostics))
         if reason is not None:
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        self.scheduler.finish(seq, reason)
-        if seq.adapter_slot >= 0:
-            self.loras.release(seq.adapter_slot)
-            seq.adapter_slot = -1
+        for s in (seq, seq.partner) if seq.partner is not None else (seq,):
+            if s.status is SeqStatus.FINISHED:
+                continue
+            if s in self._waiting_for_slot:  # never reached the scheduler: it holds no blocks or slot
+                self._waiting_for_slot.remove(s)
+                s.status, s.finish_reason = SeqStatus.FINISHED, reason
+                continue
+            self.scheduler.finish(s, reason)
+            s.pending_logits = None
+            if s.adapter_slot >= 0:
+                self.loras.release(s.adapter_slot)
+                s.adapter_slot = -1
 
     def _report(self, req: _Request) -> RequestOutput:
         choices, req.pending = req.pending, []

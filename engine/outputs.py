@@ -21,6 +21,7 @@ class ChoiceDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    diagnostics: list[dict] | None = None  # optimal sampling: one dict per new token (alpha, ESS, KLs, logprobs)
 
 
 @dataclass(slots=True)

@@ -61,6 +61,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0:  # caught up and waiting for its optimal-sampling partner's logits
+                i += 1
+                continue
             while not self.pool.grow(seq.block_table, seq.num_computed_tokens + n):
                 victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
                 self._preempt(victim)

@@ -37,6 +37,11 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: str | None = None
     state: Any = None  # sampler/detokenizer state owned by the engine
+    # Optimal sampling: a student row and its teacher row are partners; each parks its next-token
+    # logits here until the other's are ready, then one token drawn from q* extends both.
+    partner: "Sequence | None" = None
+    is_teacher: bool = False
+    pending_logits: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
