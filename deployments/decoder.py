@@ -14,8 +14,13 @@ from deployments.openai_api import ApiError
 from deployments.placement import resolve_device_dtype
 from engine.config import EngineConfig
 from engine.engine import AsyncEngine, LLMEngine
+from engine.optimal_sampling import OptimalSamplingParams
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
+
+
+def _embeds(req: EncodedRequest | PreparedRequest) -> torch.Tensor | None:
+    return req.image_embeds if isinstance(req, EncodedRequest) else None
 
 
 def _replica_id() -> str:
@@ -56,16 +61,26 @@ class Decoder:
                                 "retry after a short wait", retry_after=1)
 
     async def generate(self, req: EncodedRequest | PreparedRequest, sampling: SamplingParams, adapter: str | None,
-                       request_id: str, max_tokens_explicit: bool = True) -> AsyncIterator[RequestOutput]:
-        """Stream RequestOutputs; a caller that stops iterating (client gone) aborts the request."""
+                       request_id: str, max_tokens_explicit: bool = True, optimal: OptimalSamplingParams | None = None,
+                       teacher: EncodedRequest | PreparedRequest | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream RequestOutputs; a caller that stops iterating (client gone) aborts the request.
+
+        With `optimal`, tokens come from the student/teacher mixture; `teacher` is the teacher's own
+        prompt (dual prompts), else the teacher reads the same prompt.
+        """
         self._check_capacity()
         self._inflight += 1
         try:
-            embeds = req.image_embeds if isinstance(req, EncodedRequest) else None
+            longest = max(len(req.prompt.token_ids), len(teacher.prompt.token_ids) if teacher else 0)
             if not max_tokens_explicit:
-                room = self.engine.engine.max_model_len - len(req.prompt.token_ids)
+                room = self.engine.engine.max_model_len - longest
                 sampling.max_tokens = max(1, min(sampling.max_tokens, room))
-            async for out in self.engine.generate(req.prompt, sampling, adapter, embeds, request_id):
+            extra = {}
+            if optimal is not None:
+                extra = {"optimal": optimal}
+                if teacher is not None:
+                    extra.update(teacher_prompt=teacher.prompt, teacher_image_embeds=_embeds(teacher))
+            async for out in self.engine.generate(req.prompt, sampling, adapter, _embeds(req), request_id, **extra):
                 yield out
         except ApiError:
             raise

@@ -23,6 +23,7 @@ from deployments.errors import find_api_error
 from deployments.openai_api import (
     SSE_DONE,
     ApiError,
+    attach_diagnostics,
     ChatCompletionRequest,
     CompletionRequest,
     chat_completion_chunk,
@@ -64,6 +65,7 @@ class _Accumulator:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.last: RequestOutput | None = None
+        self.diagnostics: dict[int, list[dict]] = {}  # optimal sampling, per choice
 
     def add(self, out: RequestOutput) -> None:
         self.last = out
@@ -75,6 +77,12 @@ class _Accumulator:
                 self.logprobs[c.index] = (self.logprobs[c.index] or []) + c.logprobs
             if c.finish_reason:
                 self.finish[c.index] = c.finish_reason
+            if c.diagnostics is not None:
+                self.diagnostics.setdefault(c.index, []).extend(c.diagnostics)
+
+
+def _chunk_diagnostics(deltas) -> dict[int, list[dict]]:
+    return {c.index: c.diagnostics for c in deltas if c.diagnostics is not None}
 
 
 @serve.ingress(app)
@@ -134,16 +142,22 @@ class Ingress:
         except ValidationError as e:
             raise validation_error_to_api_error(e) from None
 
+    def _chat_source(self, messages: list[dict]):
+        """Preprocess (and, with images, encode) chat messages; a Ray response, never awaited here."""
+        prep = self.preprocessor.prepare_chat.remote(messages)
+        return self.vision.encode.remote(prep) if _has_images(messages) else prep
+
     def _adapter_for(self, model: str) -> str | None:
         return None if model == self.model_name else model
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    async def _start(self, request: Request, source, sampling, adapter, explicit: bool):
+    async def _start(self, request: Request, source, sampling, adapter, explicit: bool, optimal=None, teacher=None):
         """Start the Decoder stream; await its first output so errors become 4xx before any byte is sent."""
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        gen = self.decoder.options(stream=True).generate.remote(source, sampling, adapter, rid, explicit)
+        gen = self.decoder.options(stream=True).generate.remote(
+            source, sampling, adapter, rid, explicit, optimal.to_params() if optimal else None, teacher)
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
@@ -184,9 +198,11 @@ class Ingress:
         req: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
         sampling = req.to_sampling_params(self.config.default_max_tokens)
         explicit = req.max_completion_tokens is not None or req.max_tokens is not None
-        prep = self.preprocessor.prepare_chat.remote(req.messages)
-        source = self.vision.encode.remote(prep) if _has_images(req.messages) else prep
-        rid, gen, first = await self._start(request, source, sampling, self._adapter_for(req.model), explicit)
+        source = self._chat_source(req.messages)
+        opt = req.optimal_sampling
+        teacher = self._chat_source(opt.teacher_messages) if opt and opt.teacher_messages else None
+        rid, gen, first = await self._start(request, source, sampling, self._adapter_for(req.model), explicit,
+                                            opt, teacher)
         headers = self._headers(rid, first)
         cid = f"chatcmpl-{rid}"
         created = int(time.time())
@@ -203,7 +219,7 @@ class Ingress:
         body = chat_completion_response(
             cid, req.model, created, acc.text, acc.finish, acc.logprobs if sampling.logprobs else None,
             (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
-        return JSONResponse(body, headers=headers)
+        return JSONResponse(attach_diagnostics(body, acc.diagnostics, summary=True), headers=headers)
 
     def _extra(self, out: RequestOutput) -> dict:
         """Fields beyond OpenAI's: the adapter version used; the replica goes in system_fingerprint."""
@@ -216,7 +232,8 @@ class Ingress:
     @staticmethod
     def _visible(out: RequestOutput, started: set[int]) -> list:
         """Deltas worth a chunk: new text, a finish, logprobs, or a choice's first (role) chunk."""
-        return [c for c in out.choices if c.text or c.finish_reason or c.logprobs or c.index not in started]
+        return [c for c in out.choices
+                if c.text or c.finish_reason or c.logprobs or c.diagnostics or c.index not in started]
 
     async def _chat_stream(self, first, gen, cid, created, req, include_usage, extra) -> AsyncIterator[bytes]:
         started: set[int] = set()
@@ -227,9 +244,10 @@ class Ingress:
                 last = out
                 deltas = self._visible(out, started)
                 if deltas:
-                    yield sse(chat_completion_chunk(cid, req.model, created, deltas, self._token_text,
-                                                    role_for={c.index for c in deltas} - started, extra=extra,
-                                                    system_fingerprint=fp))
+                    chunk = chat_completion_chunk(cid, req.model, created, deltas, self._token_text,
+                                                  role_for={c.index for c in deltas} - started, extra=extra,
+                                                  system_fingerprint=fp)
+                    yield sse(attach_diagnostics(chunk, _chunk_diagnostics(deltas), summary=False))
                     started.update(c.index for c in deltas)
             if include_usage:
                 yield sse(chat_completion_chunk(cid, req.model, created, [], usage=(
@@ -250,7 +268,10 @@ class Ingress:
         explicit = req.max_tokens is not None
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
         prep = self.preprocessor.prepare_text.remote(prompt)
-        rid, gen, first = await self._start(request, prep, sampling, self._adapter_for(req.model), explicit)
+        opt = req.optimal_sampling
+        teacher = self.preprocessor.prepare_text.remote(opt.teacher_prompt) if opt and opt.teacher_prompt else None
+        rid, gen, first = await self._start(request, prep, sampling, self._adapter_for(req.model), explicit,
+                                            opt, teacher)
         headers = self._headers(rid, first)
         cid = f"cmpl-{rid}"
         created = int(time.time())
@@ -266,7 +287,7 @@ class Ingress:
         body = completion_response(cid, req.model, created, acc.text, acc.finish,
                                    acc.logprobs if sampling.logprobs else None,
                                    (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
-        return JSONResponse(body, headers=headers)
+        return JSONResponse(attach_diagnostics(body, acc.diagnostics, summary=True), headers=headers)
 
     async def _completion_stream(self, first, gen, cid, created, req, include_usage, extra) -> AsyncIterator[bytes]:
         last = first
@@ -275,10 +296,11 @@ class Ingress:
         try:
             async for out in self._rest(first, gen):
                 last = out
-                deltas = [c for c in out.choices if c.text or c.finish_reason or c.logprobs]
+                deltas = [c for c in out.choices if c.text or c.finish_reason or c.logprobs or c.diagnostics]
                 if deltas:
-                    yield sse(completion_chunk(cid, req.model, created, deltas, self._token_text,
-                                               text_offsets=offsets, extra=extra, system_fingerprint=fp))
+                    chunk = completion_chunk(cid, req.model, created, deltas, self._token_text,
+                                             text_offsets=offsets, extra=extra, system_fingerprint=fp)
+                    yield sse(attach_diagnostics(chunk, _chunk_diagnostics(deltas), summary=False))
                     for c in deltas:
                         offsets[c.index] = offsets.get(c.index, 0) + len(c.text)
             if include_usage:

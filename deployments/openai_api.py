@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from engine.optimal_sampling import OptimalSamplingParams
 from engine.outputs import ChoiceDelta, TokenLogprob
 from engine.sampling import MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams
 
@@ -193,7 +194,7 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None  # accepted, ignored: output never contains special tokens
     # passthrough for a later feature
-    optimal_sampling: dict[str, Any] | None = None
+    optimal_sampling: OptimalSamplingOptions | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -278,6 +279,71 @@ def _check_content_part(part: Any, role: str, where: str) -> None:
         raise _invalid(f"{where}.type", f"{where}.type {_short(kind)} is not supported; supported content part types are 'text' and 'image_url'")
 
 
+def check_messages(messages: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """Validate OpenAI chat messages (roles, content parts); `name` prefixes every error path."""
+    if not messages:
+        raise _invalid(name, f"{name} must contain at least one message")
+    for i, message in enumerate(messages):
+        where = f"{name}[{i}]"
+        if not isinstance(message, dict):
+            raise _invalid(where, f"{where} must be an object with role and content")
+        role = message.get("role")
+        if role not in MESSAGE_ROLES:
+            raise _invalid(f"{where}.role", f"{where}.role {_short(role)} is not supported; expected one of {', '.join(MESSAGE_ROLES)}")
+        for key in ("tool_calls", "function_call", "audio"):
+            if message.get(key):
+                raise _invalid(f"{where}.{key}", f"{where}.{key} is not supported by this server")
+        content = message.get("content")
+        if content is None and role == "assistant":
+            continue
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise _invalid(f"{where}.content", f"{where}.content must be a string or a list of content parts")
+        for j, part in enumerate(content):
+            _check_content_part(part, role, f"{where}.content[{j}]")
+    return messages
+
+
+class OptimalSamplingOptions(BaseModel):
+    """The `optimal_sampling` request object (OpenAI SDK users send it with `extra_body`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str = Field(min_length=1)
+    teacher_messages: list[dict[str, Any]] | None = None
+    teacher_prompt: str | None = None
+    alpha_method: Literal["fixed", "kl_symmetry", "reverse_kl_symmetry", "ess_balance", "entropy"] = "kl_symmetry"
+    fixed_alpha: float = Field(0.5, ge=0, le=1)
+    alpha_min: float = Field(0.0, ge=0, le=1)
+    alpha_max: float = Field(1.0, ge=0, le=1)
+    teacher_top_k: int = Field(0, ge=0)
+    teacher_top_p: float = Field(1.0, gt=0, le=1)
+    return_diagnostics: bool = True
+    force_teacher_first_token: bool = False
+    force_teacher_special_tokens: bool = False
+
+    @field_validator("teacher_messages")
+    @classmethod
+    def _check_teacher_messages(cls, v):
+        return None if v is None else check_messages(v, "optimal_sampling.teacher_messages")
+
+    @model_validator(mode="after")
+    def _check_alpha_range(self):
+        if self.alpha_min > self.alpha_max:
+            raise _invalid("optimal_sampling.alpha_min",
+                           f"optimal_sampling.alpha_min ({self.alpha_min}) must be <= alpha_max ({self.alpha_max})")
+        return self
+
+    def to_params(self) -> OptimalSamplingParams:
+        return OptimalSamplingParams(
+            teacher=self.teacher, alpha_method=self.alpha_method, fixed_alpha=self.fixed_alpha,
+            alpha_min=self.alpha_min, alpha_max=self.alpha_max, teacher_top_k=self.teacher_top_k,
+            teacher_top_p=self.teacher_top_p, return_diagnostics=self.return_diagnostics,
+            force_teacher_first_token=self.force_teacher_first_token,
+            force_teacher_special_tokens=self.force_teacher_special_tokens)
+
+
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions. `messages` stay plain dicts (validated here) for the prompt builder."""
 
@@ -289,31 +355,15 @@ class ChatCompletionRequest(_SamplingRequest):
     @field_validator("messages")
     @classmethod
     def _check_messages(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if not messages:
-            raise _invalid("messages", "messages must contain at least one message")
-        for i, message in enumerate(messages):
-            where = f"messages[{i}]"
-            role = message.get("role")
-            if role not in MESSAGE_ROLES:
-                raise _invalid(f"{where}.role", f"{where}.role {_short(role)} is not supported; expected one of {', '.join(MESSAGE_ROLES)}")
-            for key in ("tool_calls", "function_call", "audio"):
-                if message.get(key):
-                    raise _invalid(f"{where}.{key}", f"{where}.{key} is not supported by this server")
-            content = message.get("content")
-            if content is None and role == "assistant":
-                continue
-            if isinstance(content, str):
-                continue
-            if not isinstance(content, list):
-                raise _invalid(f"{where}.content", f"{where}.content must be a string or a list of content parts")
-            for j, part in enumerate(content):
-                _check_content_part(part, role, f"{where}.content[{j}]")
-        return messages
+        return check_messages(messages, "messages")
 
     @model_validator(mode="after")
     def _check_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise _invalid("top_logprobs", "top_logprobs requires logprobs to be true")
+        if self.optimal_sampling is not None and self.optimal_sampling.teacher_prompt is not None:
+            raise _invalid("optimal_sampling.teacher_prompt",
+                           "optimal_sampling.teacher_prompt is for /v1/completions; use teacher_messages here")
         return self
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
@@ -363,6 +413,9 @@ class CompletionRequest(_SamplingRequest):
             raise _invalid("suffix", "suffix is not supported by this server")
         if self.best_of is not None and self.best_of not in (1, self.n or 1):
             raise _invalid("best_of", "best_of is not supported by this server (use n)")
+        if self.optimal_sampling is not None and self.optimal_sampling.teacher_messages is not None:
+            raise _invalid("optimal_sampling.teacher_messages",
+                           "optimal_sampling.teacher_messages is for /v1/chat/completions; use teacher_prompt here")
         return self
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
@@ -614,6 +667,23 @@ def models_response(
             entry["max_model_len"] = max_model_len
         data.append(entry)
     return {"object": "list", "data": data}
+
+
+def optimal_sampling_summary(diagnostics: list[dict]) -> dict:
+    """A choice's `optimal_sampling` field: per-token diagnostics plus their means."""
+    n = max(1, len(diagnostics))
+    return {"diagnostics": diagnostics,
+            "mean_alpha": sum(d["alpha"] for d in diagnostics) / n,
+            "mean_ess_ratio": sum(d["ess_ratio"] for d in diagnostics) / n}
+
+
+def attach_diagnostics(body: dict, per_choice: Mapping[int, list[dict]], summary: bool) -> dict:
+    """Add `optimal_sampling` to each choice of a response (summary=True) or chunk (summary=False)."""
+    for choice in body["choices"]:
+        diags = per_choice.get(choice["index"])
+        if diags is not None:
+            choice["optimal_sampling"] = optimal_sampling_summary(diags) if summary else {"diagnostics": diags}
+    return body
 
 
 SSE_DONE = b"data: [DONE]\n\n"

@@ -334,14 +334,15 @@ class AsyncEngine:
         return await asyncio.wrap_future(self.call(fn))
 
     async def generate(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
-                       image_embeds: torch.Tensor | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       image_embeds: torch.Tensor | None = None, request_id: str | None = None,
+                       **optimal: Any) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; `optimal` takes add_request's optimal-sampling keywords."""
         rid = request_id or uuid.uuid4().hex
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
         finished = False
         try:
-            await self.run(lambda e: e.add_request(prompt, sampling, adapter, image_embeds, rid))
+            await self.run(lambda e: e.add_request(prompt, sampling, adapter, image_embeds, rid, **optimal))
             while not finished:
                 out = await q.get()
                 if isinstance(out, BaseException):

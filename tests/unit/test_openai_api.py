@@ -112,7 +112,8 @@ def test_sdk_chat_completion_round_trip_with_images_and_logprobs():
             logprobs=True, top_logprobs=2, presence_penalty=0.5, frequency_penalty=-0.5,
         )
         # vLLM extras arrive through extra_body
-        assert req.top_k is None and req.optimal_sampling == {"k": 4}
+        assert req.top_k is None and req.optimal_sampling.to_params().teacher == "base"
+        assert req.optimal_sampling.alpha_method == "entropy" and req.optimal_sampling.teacher_top_k == 4
         logprobs = [
             [lp(1, -0.1, [(1, -0.1), (5, -2.5)]), lp(4, -0.7, [(4, -0.7), (3, -1.0)])],
             [lp(1, -0.2, [(1, -0.2), (2, -3.0)])],
@@ -134,7 +135,8 @@ def test_sdk_chat_completion_round_trip_with_images_and_logprobs():
         ],
         temperature=0.2, top_p=0.9, max_tokens=50, max_completion_tokens=7, seed=11, stop="\n\n", n=2,
         logprobs=True, top_logprobs=2, presence_penalty=0.5, frequency_penalty=-0.5, user="u1",
-        extra_body={"optimal_sampling": {"k": 4}, "skip_special_tokens": True},
+        extra_body={"optimal_sampling": {"teacher": "base", "alpha_method": "entropy", "teacher_top_k": 4},
+                    "skip_special_tokens": True},
     )
     assert isinstance(out, openai.types.chat.ChatCompletion)
     assert out.id == "chatcmpl-req-1" and out.object == "chat.completion" and out.created == CREATED
@@ -460,3 +462,32 @@ def test_decoder_may_return_bytes_for_partial_characters():
     content = out["choices"][0]["logprobs"]["content"]
     assert [c["bytes"] for c in content] == [[raw[0]], [raw[1]]]
     assert sum((c["bytes"] for c in content), []) == list(raw)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({}, "optimal_sampling.teacher: Field required"),
+    ({"teacher": "base", "alpha_method": "median"}, "optimal_sampling.alpha_method"),
+    ({"teacher": "base", "alpha_min": 0.8, "alpha_max": 0.2}, "alpha_min (0.8) must be <= alpha_max (0.2)"),
+    ({"teacher": "base", "fixed_alpha": 1.5}, "optimal_sampling.fixed_alpha"),
+    ({"teacher": "base", "teacher_top_p": 0}, "optimal_sampling.teacher_top_p"),
+    ({"teacher": "base", "teacher_top_k": -1}, "optimal_sampling.teacher_top_k"),
+    ({"teacher": "base", "bogus": 1}, "optimal_sampling.bogus"),
+    ({"teacher": "base", "teacher_messages": [{"role": "robot", "content": "x"}]},
+     "optimal_sampling.teacher_messages[0].role 'robot' is not supported"),
+    ({"teacher": "base", "teacher_prompt": "x"}, "teacher_prompt is for /v1/completions"),
+])
+def test_optimal_sampling_validation(options, message):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "optimal_sampling": options}
+    with pytest.raises(pydantic.ValidationError) as e:
+        ChatCompletionRequest.model_validate(body)
+    assert message in validation_error_to_api_error(e.value).message
+
+
+def test_optimal_sampling_summary_and_attach():
+    from deployments.openai_api import attach_diagnostics
+
+    diags = [{"alpha": 0.2, "ess_ratio": 1.0}, {"alpha": 0.4, "ess_ratio": 0.5}]
+    body = attach_diagnostics({"choices": [{"index": 0}, {"index": 1}]}, {1: diags}, summary=True)
+    assert "optimal_sampling" not in body["choices"][0]
+    assert body["choices"][1]["optimal_sampling"]["mean_alpha"] == pytest.approx(0.3)
+    assert body["choices"][1]["optimal_sampling"]["mean_ess_ratio"] == pytest.approx(0.75)
