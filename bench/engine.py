@@ -169,13 +169,17 @@ def save_with_tiny_tokenizer(model, out_dir: Path, tiny_dir: Path) -> Path:
 
 # -- vlora engine ----------------------------------------------------------------------------------
 def engine_decode(engine: LLMEngine, prompts: list[list[int]], gen_len: int, device: str,
-                  adapters: list[str | None] | None = None) -> dict:
-    """Run the batch to completion; steady-state decode = tokens after every row has its first token."""
-    sp = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
+                  adapters: list[str | None] | None = None, sampling: SamplingParams | None = None,
+                  **request_kw) -> dict:
+    """Run the batch to completion; steady-state decode = tokens after every row has its first token.
+
+    Greedy by default; `sampling` and `request_kw` (e.g. `optimal=`) go to every add_request.
+    """
+    sp = sampling or SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
     B = len(prompts)
     t0 = now(device)
     for i, p in enumerate(prompts):
-        engine.add_request(p, sp, adapters[i] if adapters else None)
+        engine.add_request(p, sp, adapters[i] if adapters else None, **request_kw)
     steps: list[tuple[float, int, int]] = []  # (end time, tokens generated in the step, rows with a token so far)
     started: set[str] = set()
     while engine.has_unfinished():
