@@ -323,3 +323,19 @@ def test_request_errors(engine, tokenizer):
     with pytest.raises(UnknownAdapterError, match="adapter 'nope' is not loaded"):
         engine.add_request([5, 6], SamplingParams(), adapter="nope")
     assert_pool_free(engine)
+
+
+def test_adapters_beyond_the_slot_limit_are_paged_in_lru(tiny_model_dir, tokenizer, hf_model, peft_adapters):
+    """3 adapters, 2 slots: requests for all three complete with each adapter's exact output."""
+    eng = LLMEngine(EngineConfig(str(tiny_model_dir), block_size=4, num_kv_blocks=256, max_loras=2, max_lora_rank=8))
+    for name, path in peft_adapters.items():
+        eng.add_lora(name, load_peft_adapter(path)[0])
+    prompt = tokenizer("Describe the image.").input_ids
+    sp = SamplingParams(max_tokens=6, **GREEDY)
+    alone = {n: _peft_generate(hf_model, p, prompt, 6) for n, p in peft_adapters.items()}
+    outs = eng.generate([prompt] * 3, sp, adapters=["a1", "a2", "a3"])  # a3 waits for a free slot
+    assert [o[0] for o in outs] == [alone["a1"], alone["a2"], alone["a3"]]
+    assert set(eng.loras.resident) == {"a2", "a3"} or set(eng.loras.resident) == {"a1", "a3"}
+    outs = eng.generate([prompt], sp, adapters=["a1"])  # evicts the least recently used idle slot
+    assert outs[0][0] == alone["a1"] and "a1" in eng.loras.resident and len(eng.loras.resident) == 2
+    assert_pool_free(eng)
