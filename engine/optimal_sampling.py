@@ -53,7 +53,6 @@ Decisions the spec leaves open, made here:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 

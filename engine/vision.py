@@ -9,45 +9,23 @@ files and puts them into HF's own vision tower module; results therefore match
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-from pathlib import Path
 
 import torch
+
+from engine.weights import iter_tensors
 
 # Transformers 5 saves the tower under `model.visual.`; checkpoints saved by 4.x (the hub's
 # Qwen2.5-VL-*-Instruct) use `visual.`.
 VISION_KEY_PREFIXES = ("model.visual.", "visual.")
 
 
-def checkpoint_shards(model_dir: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a checkpoint: those named in the shard index, or the single file."""
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(
-            {name for key, name in weight_map.items() if key.startswith(VISION_KEY_PREFIXES)}
-        )
-        return [model_dir / name for name in files]
-    single = model_dir / "model.safetensors"
-    if single.exists():
-        return [single]
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
-
-
 def load_vision_state_dict(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Vision tower tensors only, keyed as the tower module names them (prefix stripped)."""
-    from safetensors import safe_open
-
     state: dict[str, torch.Tensor] = {}
-    for shard in checkpoint_shards(model_dir):
-        with safe_open(str(shard), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                for prefix in VISION_KEY_PREFIXES:
-                    if key.startswith(prefix):
-                        state[key[len(prefix) :]] = f.get_tensor(key)
-                        break
+    for key, tensor in iter_tensors(model_dir, lambda name: name.startswith(VISION_KEY_PREFIXES)):
+        prefix = next(p for p in VISION_KEY_PREFIXES if key.startswith(p))
+        state[key[len(prefix):]] = tensor.to(device)
     if not state:
         raise ValueError(f"no vision tower weights ({' or '.join(VISION_KEY_PREFIXES)}*) found in {model_dir}")
     return state

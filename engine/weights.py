@@ -10,21 +10,23 @@ import torch
 from safetensors import safe_open
 
 
-def checkpoint_files(model_dir: str | Path) -> list[Path]:
+def checkpoint_files(model_dir: str | Path, want: Callable[[str], bool] = lambda name: True) -> list[Path]:
+    """The safetensors files holding tensors that pass `want`: from the shard index, or the single file."""
     d = Path(model_dir)
     index = d / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted({f for name, f in json.loads(index.read_text())["weight_map"].items() if want(name)})
         return [d / s for s in shards]
-    files = sorted(d.glob("*.safetensors"))
+    single = d / "model.safetensors"
+    files = [single] if single.exists() else sorted(d.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {d}")
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {d}")
     return files
 
 
 def iter_tensors(model_dir: str | Path, want: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for the checkpoint tensors whose name passes `want`, one at a time."""
-    for f in checkpoint_files(model_dir):
+    for f in checkpoint_files(model_dir, want):
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
                 if want(name):

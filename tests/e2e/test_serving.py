@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 
 from deployments.config import AppConfig
 from deployments.preprocessor import Preprocessor
@@ -106,7 +105,7 @@ def test_completions_endpoint(client, local):
     resp = client.completions.create(model="tiny", prompt="The quick brown fox", temperature=0, max_tokens=10)
     _, _, eng = local
     ids = eng.tokenizer("The quick brown fox").input_ids
-    rid = eng.add_request(ids, SamplingParams(max_tokens=10, temperature=0))
+    eng.add_request(ids, SamplingParams(max_tokens=10, temperature=0))
     text = ""
     while eng.has_unfinished():
         text += "".join(c.text for o in eng.step() for c in o.choices)

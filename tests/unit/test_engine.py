@@ -243,7 +243,7 @@ def test_n_greater_than_one(engine, tokenizer, hf_model):
 
 
 def _run_text(engine, prompt, sp):
-    rid = engine.add_request(prompt, sp)
+    engine.add_request(prompt, sp)
     text, toks, reason = "", [], None
     while engine.has_unfinished():
         for o in engine.step():
