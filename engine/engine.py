@@ -104,7 +104,8 @@ class LLMEngine:
 
     # -- adapters ---------------------------------------------------------------------------
     def add_lora(self, name: str, weights: LoRAWeights, version: int = 1) -> None:
-        """Register (or hot-swap) an adapter; a resident one is rewritten in place between steps."""
+        """Register (or hot-swap) an adapter between steps. Running requests finish on the version
+        they started with; requests admitted from now on get this one."""
         self.loras.register(name, weights, version)
 
     def remove_lora(self, name: str) -> None:
@@ -123,7 +124,8 @@ class LLMEngine:
         ids, positions, rope_delta = _prompt_parts(prompt)
         request_id = request_id or uuid.uuid4().hex
         self._validate(ids, sampling, image_embeds, request_id)
-        version = self.loras.version(adapter) if adapter is not None else None
+        if adapter is not None:
+            self.loras.version(adapter)  # unknown adapter: UnknownAdapterError before anything changes
         teacher_adapter = None
         if optimal is not None:
             teacher_adapter = None if optimal.teacher == "base" else optimal.teacher
@@ -144,7 +146,7 @@ class LLMEngine:
                                        rope_delta=t_delta, image_embeds=teacher_image_embeds,
                                        image_token_id=self.model.cfg.image_token_id, partner=seq, is_teacher=True)
             seqs.append(seq)
-        self.requests[request_id] = _Request(request_id, seqs, len(ids), adapter, version, optimal=optimal,
+        self.requests[request_id] = _Request(request_id, seqs, len(ids), adapter, None, optimal=optimal,
                                              teacher_adapter=teacher_adapter)
         for seq in seqs:
             self._admit(seq, adapter)
@@ -180,8 +182,15 @@ class LLMEngine:
         if slot is None:
             self._waiting_for_slot.append(seq)
         else:
-            seq.adapter_slot = slot
-            self.scheduler.add(seq)
+            self._start_with_slot(seq, slot)
+
+    def _start_with_slot(self, seq: Sequence, slot: int) -> None:
+        """The slot pins the adapter version the request is served with; it is what the request reports."""
+        seq.adapter_slot = slot
+        req = self.requests[seq.request_id]
+        if not seq.is_teacher and req.adapter_version is None:
+            req.adapter_version = self.loras.slot_version(slot)
+        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV blocks and adapter slot; False if it is unknown."""
@@ -204,8 +213,7 @@ class LLMEngine:
             if slot is None:
                 break
             self._waiting_for_slot.popleft()
-            seq.adapter_slot = slot
-            self.scheduler.add(seq)
+            self._start_with_slot(seq, slot)
         batch = self.scheduler.schedule()
         self.num_preemptions += len(batch.preempted)
         if batch.empty:

@@ -179,6 +179,7 @@ def test_three_adapters_and_base_in_one_batch_match_hf_peft(engine, tokenizer, h
 
 
 def test_swapping_one_slot_mid_run_changes_only_that_adapter(engine, tokenizer, hf_model, peft_adapters):
+    """Rewriting a slot's weights in place between steps: only that slot's later tokens change."""
     for name, path in peft_adapters.items():
         engine.add_lora(name, load_peft_adapter(path)[0])
     prompt = tokenizer("Hello! How can I help").input_ids
@@ -191,7 +192,7 @@ def test_swapping_one_slot_mid_run_changes_only_that_adapter(engine, tokenizer, 
     steps = 0
     while engine.has_unfinished():
         if steps == 5:
-            engine.add_lora("a1", flipped, version=2)  # hot swap between steps
+            engine.slots.load(engine.loras.resident["a1"], flipped)  # in place, between steps
         for o in engine.step():
             got[o.request_id] += o.choices[0].token_ids
         steps += 1
@@ -199,7 +200,37 @@ def test_swapping_one_slot_mid_run_changes_only_that_adapter(engine, tokenizer, 
     assert a2 == before[1][0] and base == before[2][0]
     assert a1[:5] == before[0][0][:5]  # tokens sampled before the swap are unchanged
     assert a1 != before[0][0]
-    engine.add_lora("a1", w, version=3)
+    engine.slots.load(engine.loras.resident["a1"], w)
+    assert_pool_free(engine)
+
+
+def test_a_new_version_serves_new_requests_while_running_ones_finish_on_theirs(engine, tokenizer, peft_adapters):
+    """add_lora while a request runs: it keeps (and reports) v1; requests admitted later get v2."""
+    w = load_peft_adapter(peft_adapters["a1"])[0]
+    flipped = LoRAWeights(w.rank, w.scaling, {k: (a, -3 * b) for k, (a, b) in w.weights.items()})
+    engine.add_lora("a1", w, version=1)
+    prompt = tokenizer("Hello! How can I help").input_ids
+    sp = SamplingParams(max_tokens=12, **GREEDY)
+    v1_alone = engine.generate([prompt], sp, adapters=["a1"])[0][0]
+    old = engine.add_request(prompt, sp, "a1")
+    got, versions = {old: []}, {}
+    for _ in range(4):
+        for o in engine.step():
+            got[o.request_id] += o.choices[0].token_ids
+            versions[o.request_id] = o.adapter_version
+    engine.add_lora("a1", flipped, version=2)
+    new = engine.add_request(prompt, sp, "a1")
+    got[new] = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            got[o.request_id] += o.choices[0].token_ids
+            versions[o.request_id] = o.adapter_version
+    assert got[old] == v1_alone and versions[old] == 1
+    assert versions[new] == 2 and got[new] != v1_alone
+    engine.add_lora("a1", flipped, version=3)  # idle now: rewritten in place
+    assert engine.generate([prompt], sp, adapters=["a1"])[0][0] == got[new]
+    assert len(engine.loras._retiring) == 0
+    engine.add_lora("a1", w, version=4)
     assert_pool_free(engine)
 
 
