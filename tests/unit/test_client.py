@@ -10,16 +10,15 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
 
 from client import VloraClient, image_part, user_message
 from client.cli import build_parser, main
+from tests.unit.fake_server import SSE, FakeServer, server_fixture
 
 BASE = "tiny-qwen"
 PIECES = ["Hel", "lo, ", "wörld", "!"]  # non-ASCII on purpose: the CLI must print it exactly
@@ -30,118 +29,42 @@ MODELS = {"object": "list", "data": [
 ]}
 
 
-class FakeServer:
-    """A ThreadingHTTPServer on 127.0.0.1 speaking just enough of the OpenAI API."""
+class OpenAIServer(FakeServer):
+    """Just enough of the OpenAI API: models, health, and chat completions (JSON or SSE)."""
 
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):  # keep pytest output clean
-                pass
-
-            def _json(self, status: int, body: dict, headers: dict | None = None):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _record(self, body):
-                with fake.lock:
-                    fake.requests.append({"method": self.command, "path": self.path,
-                                          "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
-
-            def do_GET(self):
-                self._record(None)
-                if self.path == "/v1/models":
-                    self._json(200, MODELS)
-                elif self.path == "/health":
-                    self._json(200, {"status": "ok", "model": BASE,
-                                     "deployments": {"decoder": "ready", "preprocessor": "ready"}})
-                else:
-                    self._json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                self._record(body)
-                if self.path != "/v1/chat/completions":
-                    return self._json(404, {"error": {"message": "no route", "type": "not_found"}})
-                model = body["model"]
-                if model not in USAGE and model != "slow":
-                    return self._json(404, {"error": {"message": f"The model '{model}' does not exist",
-                                                      "type": "NotFoundError", "param": "model", "code": 404}})
-                with fake.lock:
-                    fake.in_flight += 1
-                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                try:
-                    time.sleep(1.0 if model == "slow" else 0.02)  # lets concurrent requests overlap
-                    self._chat(body, model)
-                except OSError:  # the client went away (bench time cap): nothing to answer
-                    pass
-                finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
-
-            def _chat(self, body, model):
-                headers = {"x-request-id": "r1", "x-vlora-replica": "d0"}
-                usage = {"prompt_tokens": 11, "completion_tokens": USAGE.get(model, 1),
-                         "total_tokens": 11 + USAGE.get(model, 1)}
-                base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model}
-                if not body.get("stream"):
-                    return self._json(200, {**base, "object": "chat.completion", "usage": usage, "choices": [
-                        {"index": 0, "finish_reason": "length",
-                         "message": {"role": "assistant", "content": "".join(PIECES)}}]}, headers)
-                self.send_response(200)
-                self.send_header("content-type", "text/event-stream")
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()  # HTTP/1.0: the body ends when the connection closes
-                extra = {"adapter": model, "adapter_version": 2} if model == "a1" else {}
-                deltas = [{"role": "assistant", "content": ""}] + [{"content": p} for p in PIECES]
-                events = [{**base, **extra, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
-                          for d in deltas]
-                events.append({**base, **extra, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
-                if (body.get("stream_options") or {}).get("include_usage"):
-                    events.append({**base, **extra, "choices": [], "usage": usage})
-                for e in events:
-                    self.wfile.write(b"data: " + json.dumps(e).encode() + b"\n\n")
-                    self.wfile.flush()
-                self.wfile.write(b"data: [DONE]\n\n")
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):  # cancelled clients are expected
-                pass
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    def chats(self) -> list[dict]:
-        return [r["body"] for r in self.requests if r["path"] == "/v1/chat/completions"]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def route(self, method, path, body, headers):
+        if method == "GET":
+            if path == "/v1/models":
+                return 200, MODELS
+            if path == "/health":
+                return 200, {"status": "ok", "model": BASE,
+                             "deployments": {"decoder": "ready", "preprocessor": "ready"}}
+            return 404, {"error": {"message": f"no route {path}", "type": "not_found"}}
+        if path != "/v1/chat/completions":
+            return 404, {"error": {"message": "no route", "type": "not_found"}}
+        model = body["model"]
+        if model not in USAGE and model != "slow":
+            return 404, {"error": {"message": f"The model '{model}' does not exist",
+                                   "type": "NotFoundError", "param": "model", "code": 404}}
+        time.sleep(1.0 if model == "slow" else 0.02)  # lets concurrent requests overlap
+        reply_headers = {"x-request-id": "r1", "x-vlora-replica": "d0"}
+        usage = {"prompt_tokens": 11, "completion_tokens": USAGE.get(model, 1),
+                 "total_tokens": 11 + USAGE.get(model, 1)}
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "".join(PIECES)}
+            return 200, {**base, "object": "chat.completion", "usage": usage, "choices": [
+                {"index": 0, "finish_reason": "length", "message": message}]}, reply_headers
+        extra = {"adapter": model, "adapter_version": 2} if model == "a1" else {}
+        deltas = [{"role": "assistant", "content": ""}] + [{"content": p} for p in PIECES]
+        events = [{**base, **extra, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+        events.append({**base, **extra, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append({**base, **extra, "choices": [], "usage": usage})
+        return SSE(events, reply_headers)
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    monkeypatch.delenv("VLORA_URL", raising=False)
-    monkeypatch.delenv("VLORA_API_KEY", raising=False)
-    server = FakeServer()
-    yield server
-    server.close()
+fake = server_fixture(OpenAIServer)
 
 
 @pytest.fixture

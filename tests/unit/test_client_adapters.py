@@ -12,15 +12,14 @@ from __future__ import annotations
 import base64
 import json
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
 
 from client.cli import SPARK, build_parser, main, sparkline
 from client.client import VloraAPIError, VloraClient, example_from_record, load_examples
+from tests.unit.fake_server import FakeServer, server_fixture
 
 ADMIN = "adm1n"
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -42,56 +41,23 @@ def error(status: int, message: str, code: str | None = None) -> tuple[int, dict
                               "code": code or status}}
 
 
-class FakeAdminServer:
+class FakeAdminServer(FakeServer):
     """The /v1/adapters routes, in memory. A learn job named `diverge` fails at step 2."""
 
     def __init__(self, admin_key: str | None = ADMIN):
         self.admin_key = admin_key
-        self.requests: list[dict] = []
         self.adapters: dict[str, list[dict]] = {
             "a1": [version("a1", 1), version("a1", 2, "learned", 1, metrics={"loss_before": 2.5, "loss_after": 1.25})],
             "b2": [version("b2", 1, rank=4)],
         }
         self.jobs: dict[str, dict] = {}
-        self.lock = threading.Lock()
-        fake = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, status: int, body: dict, headers: dict | None = None):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _handle(self):
-                n = int(self.headers.get("content-length") or 0)
-                raw = self.rfile.read(n) if n else b""
-                body = json.loads(raw) if raw else None
-                with fake.lock:
-                    fake.requests.append({"method": self.command, "path": self.path,
-                                          "headers": {k.lower(): v for k, v in self.headers.items()},
-                                          "body": body})
-                    if fake.admin_key and self.headers.get("authorization") != f"Bearer {fake.admin_key}":
-                        return self._send(*error(401, "admin routes need an admin key", "invalid_api_key"))
-                    status, out, *headers = fake.route(self.command, self.path, body)
-                self._send(status, out, *headers)
-
-            do_GET = do_POST = do_DELETE = _handle
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
+    def route(self, method: str, path: str, body, headers: dict):
+        with self.lock:
+            if self.admin_key and headers.get("authorization") != f"Bearer {self.admin_key}":
+                return error(401, "admin routes need an admin key", "invalid_api_key")
+            return self._route(method, path, body)
 
     # -- the API ---------------------------------------------------------------------------
     def _publish(self, name: str, origin: str, parent: int | None, rank: int = 8, metrics: dict | None = None,
@@ -101,7 +67,7 @@ class FakeAdminServer:
         versions.append(v)
         return v
 
-    def route(self, method: str, path: str, body):
+    def _route(self, method: str, path: str, body):
         parts = path.strip("/").split("/")  # v1 adapters [name [rollback|learn|jobs id]]
         if parts[:2] != ["v1", "adapters"]:
             return error(404, f"no route {path}")
@@ -177,18 +143,8 @@ class FakeAdminServer:
     def calls(self, method: str | None = None, suffix: str = "") -> list[dict]:
         return [r for r in self.requests if (method is None or r["method"] == method) and r["path"].endswith(suffix)]
 
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
-
-@pytest.fixture
-def fake(monkeypatch):
-    for var in ("VLORA_URL", "VLORA_API_KEY", "VLORA_ADMIN_KEY"):
-        monkeypatch.delenv(var, raising=False)
-    server = FakeAdminServer()
-    yield server
-    server.close()
+fake = server_fixture(FakeAdminServer)
 
 
 def vlora(fake, *argv: str) -> int:

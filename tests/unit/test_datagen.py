@@ -13,9 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
@@ -25,6 +23,7 @@ from client import VloraClient
 from client.cli import main
 from client.client import load_examples
 from client.datagen import DatagenConfig, load_prompts, record_from_response
+from tests.unit.fake_server import FakeServer, server_fixture
 
 BASE = "tiny-qwen"
 MODELS = {"a1", "a2", BASE}
@@ -57,88 +56,35 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-class FakeOSServer:
+class FakeOSServer(FakeServer):
     """`POST /v1/chat/completions` with optimal-sampling diagnostics. A prompt text containing
     `<bad>` gets a 400, one containing `<plain>` an answer without diagnostics; `q<i>` in the text
     makes the answer take (9 - i) * 15 ms, so later prompts finish first."""
 
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _json(self, status: int, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                with fake.lock:
-                    fake.requests.append({"path": self.path, "body": body})
-                    fake.in_flight += 1
-                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                try:
-                    self._answer(body)
-                finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
-
-            def _answer(self, body):
-                if self.path != "/v1/chat/completions":
-                    return self._json(404, {"error": {"message": "no route", "type": "not_found"}})
-                if body["model"] not in MODELS:
-                    return self._json(404, {"error": {"message": f"The model '{body['model']}' does not exist",
-                                                      "type": "NotFoundError", "code": 404}})
-                text = user_text(body["messages"])
-                m = re.search(r"q(\d)", text)
-                time.sleep((9 - int(m.group(1))) * 0.015 if m else 0.01)
-                if "<bad>" in text:
-                    return self._json(400, {"error": {"message": "prompt rejected", "type": "BadRequestError",
-                                                      "code": 400}})
-                diags = canned(text)
-                choice = {"index": 0, "finish_reason": "length",
-                          "message": {"role": "assistant", "content": f"answer to {text} (seed {body.get('seed')})"}}
-                if "<plain>" not in text:
-                    choice["optimal_sampling"] = {"diagnostics": diags,
-                                                  "mean_alpha": mean([d["alpha"] for d in diags]),
-                                                  "mean_ess_ratio": mean([d["ess_ratio"] for d in diags])}
-                usage = {"prompt_tokens": 11, "completion_tokens": len(diags), "total_tokens": 11 + len(diags)}
-                self._json(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
-                                 "model": body["model"], "choices": [choice], "usage": usage})
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    def chats(self) -> list[dict]:
-        return [r["body"] for r in self.requests if r["path"] == "/v1/chat/completions"]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def route(self, method, path, body, headers):
+        if path != "/v1/chat/completions":
+            return 404, {"error": {"message": "no route", "type": "not_found"}}
+        if body["model"] not in MODELS:
+            return 404, {"error": {"message": f"The model '{body['model']}' does not exist",
+                                   "type": "NotFoundError", "code": 404}}
+        text = user_text(body["messages"])
+        m = re.search(r"q(\d)", text)
+        time.sleep((9 - int(m.group(1))) * 0.015 if m else 0.01)
+        if "<bad>" in text:
+            return 400, {"error": {"message": "prompt rejected", "type": "BadRequestError", "code": 400}}
+        diags = canned(text)
+        choice = {"index": 0, "finish_reason": "length",
+                  "message": {"role": "assistant", "content": f"answer to {text} (seed {body.get('seed')})"}}
+        if "<plain>" not in text:
+            choice["optimal_sampling"] = {"diagnostics": diags,
+                                          "mean_alpha": mean([d["alpha"] for d in diags]),
+                                          "mean_ess_ratio": mean([d["ess_ratio"] for d in diags])}
+        usage = {"prompt_tokens": 11, "completion_tokens": len(diags), "total_tokens": 11 + len(diags)}
+        return 200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                     "model": body["model"], "choices": [choice], "usage": usage}
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    for var in ("VLORA_URL", "VLORA_API_KEY", "VLORA_ADMIN_KEY"):
-        monkeypatch.delenv(var, raising=False)
-    server = FakeOSServer()
-    yield server
-    server.close()
+fake = server_fixture(FakeOSServer)
 
 
 @pytest.fixture
