@@ -196,13 +196,13 @@ def prompt_messages(prompt: Any, images: Any = None, base_dir: str | os.PathLike
     return _inline_images(_prompt_list(prompt, images, key), Path(base_dir).expanduser())
 
 
-def load_examples(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Training examples from a JSONL file (one record per line, see `example_from_record`;
-    blank lines are skipped). Relative image paths are taken from `image_dir`, else from the
-    file's folder. Raises ValueError naming the file and line of the first bad record."""
+def read_jsonl(path: str | os.PathLike, parse, what: str, image_dir: str | os.PathLike | None = None) -> list:
+    """`parse(record, base_dir)` for every JSON line of `path` (blank lines skipped). Relative image
+    paths are taken from `image_dir`, else from the file's folder. Raises ValueError naming the file
+    and line of the first bad record, so nothing is sent for a file with a mistake in it."""
     path = Path(path).expanduser()
     base = Path(image_dir).expanduser() if image_dir is not None else path.parent
-    examples = []
+    items = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -212,12 +212,17 @@ def load_examples(path: str | os.PathLike, image_dir: str | os.PathLike | None =
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
             try:
-                examples.append(example_from_record(record, base))
+                items.append(parse(record, base))
             except ValueError as e:
                 raise ValueError(f"{path} line {n}: {e}") from None
-    if not examples:
-        raise ValueError(f"{path}: no examples (expected one JSON object per line)")
-    return examples
+    if not items:
+        raise ValueError(f"{path}: no {what} (expected one JSON object per line)")
+    return items
+
+
+def load_examples(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Training examples from a JSONL file (one record per line, see `example_from_record`)."""
+    return read_jsonl(path, example_from_record, "examples", image_dir)
 
 
 class VloraClient:

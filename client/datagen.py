@@ -30,7 +30,7 @@ from typing import IO, Any
 
 import openai
 
-from client.client import prompt_messages
+from client.client import prompt_messages, read_jsonl
 from client.loadgen import _error_key
 
 ALPHA_METHODS = ("fixed", "kl_symmetry", "reverse_kl_symmetry", "ess_balance", "entropy")
@@ -108,27 +108,8 @@ def prompt_from_record(record: Any, base_dir: str | os.PathLike = ".") -> dict:
 
 
 def load_prompts(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Every prompt of a JSONL file (see `prompt_from_record`; blank lines skipped). Relative
-    image paths are taken from `image_dir`, else from the file's folder. Raises ValueError naming
-    the file and line of the first bad record, before anything is sent."""
-    path = Path(path).expanduser()
-    base = Path(image_dir).expanduser() if image_dir is not None else path.parent
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            try:
-                prompts.append(prompt_from_record(record, base))
-            except ValueError as e:
-                raise ValueError(f"{path} line {n}: {e}") from None
-    if not prompts:
-        raise ValueError(f"{path}: no prompts (expected one JSON object per line)")
-    return prompts
+    """Every prompt of a JSONL file (see `prompt_from_record`), checked before anything is sent."""
+    return read_jsonl(path, prompt_from_record, "prompts", image_dir)
 
 
 # -- one sample ------------------------------------------------------------------------------------
