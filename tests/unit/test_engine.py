@@ -307,19 +307,17 @@ def test_stop_strings_and_max_tokens(engine, tokenizer):
 
 
 def test_eos_finishes_with_stop(engine, tokenizer, hf_model):
-    """Without ignore_eos the first EOS ends the sequence (finish_reason 'stop'), as in HF."""
+    """Without ignore_eos the first EOS ends the sequence with finish_reason 'stop', EOS included."""
     p = tokenizer("Hello").input_ids
-    eos = sorted(engine.eos_token_ids)
-    # make EOS the greedy choice at step 3 via a stop_token_id-free check: use HF to find the next token
     toks = hf_generate(hf_model, p, 4)
-    eng_eos = list(engine.eos_token_ids)
-    engine.eos_token_ids = frozenset([toks[2]])
+    declared = engine.eos_token_ids
+    assert declared  # the checkpoint's generation_config names its EOS ids
+    engine.eos_token_ids = frozenset([toks[2]])  # make the third greedy token an EOS
     try:
-        _, got, reason = _run_text(engine, p, SamplingParams(max_tokens=16, temperature=0))
+        text, got, reason = _run_text(engine, p, SamplingParams(max_tokens=16, temperature=0))
     finally:
-        engine.eos_token_ids = frozenset(eng_eos)
+        engine.eos_token_ids = declared
     assert reason == "stop" and got == toks[: toks.index(toks[2]) + 1]
-    assert eos  # the checkpoint declares EOS ids
     assert_pool_free(engine)
 
 
