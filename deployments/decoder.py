@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 
 import torch
@@ -10,6 +11,7 @@ from deployments.adapter_sync import AdapterSync
 from deployments.config import AppConfig
 from deployments.errors import to_api_error
 from deployments.messages import EncodedRequest, PreparedRequest
+from deployments.metrics import DecoderMetrics, get_logger
 from deployments.openai_api import ApiError
 from deployments.placement import resolve_device_dtype
 from engine.config import EngineConfig
@@ -17,6 +19,10 @@ from engine.engine import AsyncEngine, LLMEngine
 from engine.optimal_sampling import OptimalSamplingParams
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
+
+log = get_logger("vlora.decoder")
+METRICS_INTERVAL_S = 0.5  # how often the engine gauges are refreshed
+STORE_SILENCE_S = 30.0  # /health: the store must have answered this replica's long-poll within this long
 
 
 def _embeds(req: EncodedRequest | PreparedRequest) -> torch.Tensor | None:
@@ -45,12 +51,42 @@ class Decoder:
         self.replica_id = _replica_id()
         self._inflight = 0  # generate() calls admitted and not yet finished
         self.engine.engine.name = self.replica_id
+        self.metrics = DecoderMetrics(config.model_name)
         self.sync = None
         if store is not None:  # a replica that starts (or restarts) catches up before serving
-            self.sync = AdapterSync(store, self.engine, self.replica_id)
+            self.sync = AdapterSync(store, self.engine, self.replica_id, self.metrics)
             self.sync.catch_up()
             self.sync.start()
         torch.set_grad_enabled(False)
+        self._stop = threading.Event()
+        self._metrics_thread = threading.Thread(target=self._refresh_metrics, name="vlora-metrics", daemon=True)
+        self._metrics_thread.start()
+
+    def _refresh_metrics(self) -> None:
+        """Every METRICS_INTERVAL_S: read the engine's counts between steps and set the gauges."""
+        while not self._stop.wait(METRICS_INTERVAL_S):
+            try:
+                self.metrics.record_engine(self.engine.call(self._engine_state).result(timeout=30))
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                if self._stop.is_set():
+                    return
+                log.warning("refreshing the engine metrics failed", exc_info=True)
+
+    @staticmethod
+    def _engine_state(e: LLMEngine) -> dict:
+        """Runs on the engine thread between steps: plain counts only."""
+        running = {s.request_id for s in e.scheduler.running}
+        return {
+            "num_running": len(running),
+            "num_waiting": len(e.requests) - len(running.intersection(e.requests)),
+            "num_requests": len(e.requests),
+            "kv_blocks_used": e.pool.num_used_blocks,
+            "kv_blocks_total": e.pool.num_blocks,
+            "num_preemptions": e.num_preemptions,
+            "lora_slots_used": len(e.loras.resident),
+            "lora_slots_total": e.slots.num_slots if e.slots is not None else 0,
+            "lora_slot_loads": e.loras.num_swaps,
+        }
 
     def _check_capacity(self) -> None:
         """Counted on the event loop (not read from the engine thread), so concurrent arrivals can't race."""
@@ -80,7 +116,11 @@ class Decoder:
                 extra = {"optimal": optimal}
                 if teacher is not None:
                     extra.update(teacher_prompt=teacher.prompt, teacher_image_embeds=_embeds(teacher))
+            first = True
             async for out in self.engine.generate(req.prompt, sampling, adapter, _embeds(req), request_id, **extra):
+                if first and out.queue_time_s is not None:
+                    self.metrics.queue_time.observe(out.queue_time_s, {"model_name": adapter or self.config.model_name})
+                first = False
                 yield out
         except ApiError:
             raise
@@ -111,9 +151,14 @@ class Decoder:
         return await self.engine.run(read)
 
     async def ready(self) -> bool:
-        return True
+        """Model loaded (the constructor finished), engine thread alive, AdapterStore answering."""
+        if not self.engine._thread.is_alive():
+            return False
+        return self.sync is None or (self.sync.alive() and self.sync.silent_for() < STORE_SILENCE_S)
 
     def __del__(self):
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
         if getattr(self, "sync", None) is not None:
             self.sync.stop()
         engine = getattr(self, "engine", None)

@@ -5,8 +5,8 @@ the VisionEncoder and that one's to the Decoder, then relays the Decoder's strea
 """
 
 
+import asyncio
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +20,7 @@ from ray.serve.exceptions import BackPressureError
 
 from deployments.config import AppConfig
 from deployments.errors import find_api_error
+from deployments.metrics import IngressMetrics, RequestRecord, get_logger
 from deployments.openai_api import (
     SSE_DONE,
     ApiError,
@@ -36,7 +37,8 @@ from deployments.openai_api import (
 )
 from engine.outputs import RequestOutput
 
-log = logging.getLogger("vlora.ingress")
+log = get_logger("vlora.ingress")
+HEALTH_TIMEOUT_S = 10.0
 
 app = FastAPI(title="vlora", description="Qwen2.5-VL with online-learned LoRA adapters, OpenAI-compatible")
 
@@ -101,6 +103,8 @@ class Ingress:
         self.admin_keys = config.keys("admin")
         self.created = int(time.time())
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+        self.metrics = IngressMetrics()
+        self._served: set[str] = {self.model_name}  # models seen served: safe metric labels for later errors
 
     # -- helpers ----------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -153,9 +157,47 @@ class Ingress:
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    async def _start(self, request: Request, source, sampling, adapter, explicit: bool, optimal=None, teacher=None):
+    def _record(self, request: Request, route: str) -> RequestRecord:
+        """The request's record (metrics + log line); its id is Serve's (the x-request-id header, sent or made)."""
+        return RequestRecord(request.headers.get("x-request-id") or uuid.uuid4().hex, route)
+
+    def _resolve(self, rec: RequestRecord, model: str, stream: bool) -> None:
+        rec.model, rec.stream = model, stream
+        if model in self._served:
+            rec.model_name = model
+
+    def _served_by(self, rec: RequestRecord, first: RequestOutput) -> None:
+        rec.on_output(first)
+        rec.model_name = first.adapter or self.model_name
+        self._served.add(rec.model_name)
+
+    def _finish(self, rec: RequestRecord) -> None:
+        try:
+            rec.finish(self.metrics)
+        except Exception:  # noqa: BLE001 - metrics and logs never fail a request
+            log.warning("recording request %s failed", rec.request_id, exc_info=True)
+
+    async def _handle(self, rec: RequestRecord, body):
+        """Run a completion route's body; the record ends here unless a stream took it over."""
+        try:
+            return await body
+        except ApiError as e:
+            rec.status, rec.error = e.status, e.message
+            raise
+        except asyncio.CancelledError:
+            rec.status, rec.error = 499, "client disconnected"
+            raise
+        except Exception as e:
+            rec.status, rec.error = 500, f"{type(e).__name__}"
+            raise
+        finally:
+            if not rec.stream or rec.status is not None:  # a started stream ends (and records) in its body
+                self._finish(rec)
+
+    async def _start(self, rec: RequestRecord, source, sampling, adapter, explicit: bool, optimal=None,
+                     teacher=None):
         """Start the Decoder stream; await its first output so errors become 4xx before any byte is sent."""
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        rid = rec.request_id
         gen = self.decoder.options(stream=True).generate.remote(
             source, sampling, adapter, rid, explicit, optimal.to_params() if optimal else None, teacher)
         try:
@@ -171,6 +213,7 @@ class Ingress:
                 log.exception("request %s failed", rid)
                 raise ApiError(500, f"internal error: {type(exc).__name__}", type="server_error") from None
             raise api from None
+        self._served_by(rec, first)
         return rid, gen, first
 
     def _headers(self, rid: str, out: RequestOutput) -> dict:
@@ -182,11 +225,12 @@ class Ingress:
         return h
 
     @staticmethod
-    async def _rest(first: RequestOutput, gen) -> AsyncIterator[RequestOutput]:
+    async def _rest(first: RequestOutput, gen, rec: RequestRecord) -> AsyncIterator[RequestOutput]:
         yield first
         if first.finished:
             return
         async for out in gen:
+            rec.on_output(out)
             yield out
             if out.finished:
                 return
@@ -194,14 +238,19 @@ class Ingress:
     # -- routes -----------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        rec = self._record(request, "chat")
+        return await self._handle(rec, self._chat_completions(request, rec))
+
+    async def _chat_completions(self, request: Request, rec: RequestRecord):
         self._auth(request)
         req: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
+        self._resolve(rec, req.model, bool(req.stream))
         sampling = req.to_sampling_params(self.config.default_max_tokens)
         explicit = req.max_completion_tokens is not None or req.max_tokens is not None
         source = self._chat_source(req.messages)
         opt = req.optimal_sampling
         teacher = self._chat_source(opt.teacher_messages) if opt and opt.teacher_messages else None
-        rid, gen, first = await self._start(request, source, sampling, self._adapter_for(req.model), explicit,
+        rid, gen, first = await self._start(rec, source, sampling, self._adapter_for(req.model), explicit,
                                             opt, teacher)
         headers = self._headers(rid, first)
         cid = f"chatcmpl-{rid}"
@@ -210,15 +259,16 @@ class Ingress:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                self._chat_stream(first, gen, cid, created, req, include_usage, extra),
+                self._chat_stream(first, gen, cid, created, req, include_usage, extra, rec),
                 media_type="text/event-stream", headers=headers)
         acc = _Accumulator(sampling.n)
-        async for out in self._rest(first, gen):
+        async for out in self._rest(first, gen, rec):
             acc.add(out)
         fp = extra.pop("system_fingerprint")
         body = chat_completion_response(
             cid, req.model, created, acc.text, acc.finish, acc.logprobs if sampling.logprobs else None,
             (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
+        rec.status = 200
         return JSONResponse(attach_diagnostics(body, acc.diagnostics, summary=True), headers=headers)
 
     def _extra(self, out: RequestOutput) -> dict:
@@ -235,12 +285,13 @@ class Ingress:
         return [c for c in out.choices
                 if c.text or c.finish_reason or c.logprobs or c.diagnostics or c.index not in started]
 
-    async def _chat_stream(self, first, gen, cid, created, req, include_usage, extra) -> AsyncIterator[bytes]:
+    async def _chat_stream(self, first, gen, cid, created, req, include_usage, extra,
+                           rec: RequestRecord) -> AsyncIterator[bytes]:
         started: set[int] = set()
         last = first
         fp = extra.pop("system_fingerprint", None)
         try:
-            async for out in self._rest(first, gen):
+            async for out in self._rest(first, gen, rec):
                 last = out
                 deltas = self._visible(out, started)
                 if deltas:
@@ -249,28 +300,36 @@ class Ingress:
                                                   system_fingerprint=fp)
                     yield sse(attach_diagnostics(chunk, _chunk_diagnostics(deltas), summary=False))
                     started.update(c.index for c in deltas)
+            rec.status = 200  # generation finished; what follows is the usage chunk and [DONE]
             if include_usage:
                 yield sse(chat_completion_chunk(cid, req.model, created, [], usage=(
                     last.num_prompt_tokens, last.num_generated_tokens), extra=extra, system_fingerprint=fp))
             yield SSE_DONE
         except Exception as exc:  # mid-stream failure: tell the client in-band, as OpenAI does
             api = find_api_error(exc) or ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
+            rec.status, rec.error = api.status, api.message
             yield sse(api.to_json())
             yield SSE_DONE
         finally:
             gen.cancel()  # a client that went away aborts the request and frees its KV blocks
+            self._finish(rec)  # status still unset: the client went away mid-stream (499, "aborted")
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
+        rec = self._record(request, "completions")
+        return await self._handle(rec, self._completions(request, rec))
+
+    async def _completions(self, request: Request, rec: RequestRecord):
         self._auth(request)
         req: CompletionRequest = await self._body(request, CompletionRequest)
+        self._resolve(rec, req.model, bool(req.stream))
         sampling = req.to_sampling_params(self.config.default_max_tokens)
         explicit = req.max_tokens is not None
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
         prep = self.preprocessor.prepare_text.remote(prompt)
         opt = req.optimal_sampling
         teacher = self.preprocessor.prepare_text.remote(opt.teacher_prompt) if opt and opt.teacher_prompt else None
-        rid, gen, first = await self._start(request, prep, sampling, self._adapter_for(req.model), explicit,
+        rid, gen, first = await self._start(rec, prep, sampling, self._adapter_for(req.model), explicit,
                                             opt, teacher)
         headers = self._headers(rid, first)
         cid = f"cmpl-{rid}"
@@ -278,23 +337,26 @@ class Ingress:
         extra = self._extra(first)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._completion_stream(first, gen, cid, created, req, include_usage, extra),
-                                     media_type="text/event-stream", headers=headers)
+            return StreamingResponse(
+                self._completion_stream(first, gen, cid, created, req, include_usage, extra, rec),
+                media_type="text/event-stream", headers=headers)
         acc = _Accumulator(sampling.n)
-        async for out in self._rest(first, gen):
+        async for out in self._rest(first, gen, rec):
             acc.add(out)
         fp = extra.pop("system_fingerprint")
         body = completion_response(cid, req.model, created, acc.text, acc.finish,
                                    acc.logprobs if sampling.logprobs else None,
                                    (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
+        rec.status = 200
         return JSONResponse(attach_diagnostics(body, acc.diagnostics, summary=True), headers=headers)
 
-    async def _completion_stream(self, first, gen, cid, created, req, include_usage, extra) -> AsyncIterator[bytes]:
+    async def _completion_stream(self, first, gen, cid, created, req, include_usage, extra,
+                                 rec: RequestRecord) -> AsyncIterator[bytes]:
         last = first
         offsets: dict[int, int] = {}
         fp = extra.pop("system_fingerprint", None)
         try:
-            async for out in self._rest(first, gen):
+            async for out in self._rest(first, gen, rec):
                 last = out
                 deltas = [c for c in out.choices if c.text or c.finish_reason or c.logprobs or c.diagnostics]
                 if deltas:
@@ -303,16 +365,19 @@ class Ingress:
                     yield sse(attach_diagnostics(chunk, _chunk_diagnostics(deltas), summary=False))
                     for c in deltas:
                         offsets[c.index] = offsets.get(c.index, 0) + len(c.text)
+            rec.status = 200
             if include_usage:
                 yield sse(completion_chunk(cid, req.model, created, [], usage=(
                     last.num_prompt_tokens, last.num_generated_tokens), extra=extra, system_fingerprint=fp))
             yield SSE_DONE
         except Exception as exc:
             api = find_api_error(exc) or ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
+            rec.status, rec.error = api.status, api.message
             yield sse(api.to_json())
             yield SSE_DONE
         finally:
             gen.cancel()
+            self._finish(rec)
 
     @app.get("/v1/models")
     async def models(self, request: Request):
@@ -434,8 +499,9 @@ class Ingress:
         status = {}
         for name, handle in (("preprocessor", self.preprocessor), ("vision_encoder", self.vision),
                              ("decoder", self.decoder), ("trainer", self.trainer), ("adapter_store", self.store)):
-            try:
-                status[name] = "ready" if await handle.ready.remote() else "not ready"
+            try:  # a replica that hangs counts as unavailable rather than hanging the probe
+                ready = await asyncio.wait_for(handle.ready.remote(), HEALTH_TIMEOUT_S)
+                status[name] = "ready" if ready else "not ready"
             except Exception as exc:  # noqa: BLE001 - reported, not raised
                 status[name] = f"unavailable: {type(exc).__name__}"
         ok = all(v == "ready" for v in status.values())

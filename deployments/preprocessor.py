@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from deployments.config import AppConfig
 from deployments.errors import to_api_error
 from deployments.messages import PreparedRequest
+from deployments.metrics import PreprocessMetrics
 from engine.images import ImageLoadPolicy, ImageTransform, load_image
 from engine.prompts import PromptBuilder
 
@@ -19,9 +21,17 @@ class Preprocessor:
         self.policy = ImageLoadPolicy(max_bytes=im.max_image_bytes, max_image_pixels=im.max_image_pixels,
                                       allow_http=im.allow_http, http_timeout_s=im.http_timeout_s,
                                       allowed_local_dirs=tuple(im.allowed_local_dirs))
+        self.metrics = PreprocessMetrics()
+
+    def _image(self, url: str):
+        t0 = time.perf_counter()
+        image = self.transform(load_image(url, self.policy))
+        self.metrics.image.observe(time.perf_counter() - t0)
+        self.metrics.images.inc(1)
+        return image
 
     def _prepare_chat(self, messages: list[dict]) -> PreparedRequest:
-        images = [self.transform(load_image(url, self.policy)) for url in PromptBuilder.image_urls(messages)]
+        images = [self._image(url) for url in PromptBuilder.image_urls(messages)]
         prompt = self.builder.build_chat(messages, [im.grid_thw for im in images])
         return PreparedRequest(prompt, [im.pixel_values for im in images], [im.content_hash for im in images])
 

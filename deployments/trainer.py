@@ -14,12 +14,12 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-import ray
 import torch
 
-from adapters.registry import AdapterNotFoundError, validate_adapter_name
+from adapters.registry import validate_adapter_name
 from adapters.trainer import LoRATrainer, TrainingDataError, TrainingDivergedError
 from deployments.config import AppConfig
+from deployments.metrics import TrainerMetrics
 from deployments.openai_api import ApiError
 from deployments.placement import resolve_device_dtype
 from engine.config import LORA_TARGET_MODULES
@@ -89,6 +89,20 @@ class Trainer:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._gpu = asyncio.Lock()  # one training job on the device at a time
         self._ids = itertools.count(1)
+        self.metrics = TrainerMetrics()
+
+    def _count_in_progress(self) -> None:
+        self.metrics.in_progress.set(sum(1 for j in self.jobs.values() if j.status in ("queued", "running")))
+
+    def _record_outcome(self, job: Job) -> None:
+        m = {"model_name": job.adapter}
+        code = "200" if job.status == "succeeded" else str(job.error["status"])
+        self.metrics.jobs.inc(1, {**m, "status": job.status, "code": code})
+        if job.result is not None:
+            self.metrics.loss.set(job.result["loss_before"], {**m, "phase": "before"})
+            self.metrics.loss.set(job.result["loss_after"], {**m, "phase": "after"})
+            self.metrics.duration.observe(job.result["seconds"], m)
+        self._count_in_progress()
 
     async def submit(self, name: str, params: dict) -> dict:
         """Queue a learn job; returns its view at once (status 'queued')."""
@@ -120,6 +134,7 @@ class Trainer:
         p.check(self.max_rank)
         job = Job(id=f"job-{next(self._ids)}", adapter=name, steps=p.steps)
         self.jobs[job.id] = job
+        self._count_in_progress()
         return job, p
 
     async def _run(self, job: Job, p: LearnParams) -> None:
@@ -133,6 +148,11 @@ class Trainer:
                     job.status, job.error = "failed", {"status": e.status, "message": e.message}
                 except Exception as e:  # noqa: BLE001 - recorded on the job, reported to the client
                     job.status, job.error = "failed", {"status": 500, "message": f"{type(e).__name__}: {e}"}
+                except BaseException:  # cancelled: the job cannot finish
+                    job.status, job.error = "failed", {"status": 499, "message": "cancelled"}
+                    raise
+                finally:
+                    self._record_outcome(job)
 
     async def _train_and_publish(self, job: Job, p: LearnParams) -> dict:
         init, parent, alpha, rslora = None, None, p.lora_alpha, p.use_rslora
@@ -159,8 +179,10 @@ class Trainer:
             raise ApiError(400, str(e), param="examples") from None
         metrics = {"loss_before": res.loss_before, "loss_after": res.loss_after, "steps": res.steps,
                    "num_examples": res.num_examples, "seconds": res.seconds}
+        t0 = time.perf_counter()
         info = await self.store.publish.remote(job.adapter, res.weights, res.lora_alpha, res.use_rslora, "learned",
                                                parent, metrics)
+        self.metrics.publish.observe(time.perf_counter() - t0, {"model_name": job.adapter})
         return {"adapter": job.adapter, "version": info["version"], "parent_version": parent, **metrics,
                 "replicas_synced": info["replicas_synced"]}
 

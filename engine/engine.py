@@ -12,6 +12,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -58,6 +59,8 @@ class _Request:
     pending: list[ChoiceDelta] = field(default_factory=list)
     optimal: OptimalSamplingParams | None = None
     teacher_adapter: str | None = None
+    arrival_time: float = 0.0  # perf_counter at add_request (read-only bookkeeping for the queue-time metric)
+    first_scheduled_time: float | None = None  # perf_counter of the first step that scheduled one of its rows
 
     @property
     def all_seqs(self) -> list[Sequence]:
@@ -147,7 +150,7 @@ class LLMEngine:
                                        image_token_id=self.model.cfg.image_token_id, partner=seq, is_teacher=True)
             seqs.append(seq)
         self.requests[request_id] = _Request(request_id, seqs, len(ids), adapter, None, optimal=optimal,
-                                             teacher_adapter=teacher_adapter)
+                                             teacher_adapter=teacher_adapter, arrival_time=time.perf_counter())
         for seq in seqs:
             self._admit(seq, adapter)
             if seq.partner is not None:
@@ -218,6 +221,11 @@ class LLMEngine:
         self.num_preemptions += len(batch.preempted)
         if batch.empty:
             return []
+        for seq in batch.seqs:  # queue time: only rows with nothing computed yet (new or preempted) can be firsts
+            if seq.num_computed_tokens == 0:
+                req = self.requests.get(seq.request_id)
+                if req is not None and req.first_scheduled_time is None:
+                    req.first_scheduled_time = time.perf_counter()
         logits, samplers = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -299,9 +307,10 @@ class LLMEngine:
         finished = all(s.status is SeqStatus.FINISHED for s in req.seqs)
         if finished:
             self.requests.pop(req.request_id, None)
+        queued = None if req.first_scheduled_time is None else req.first_scheduled_time - req.arrival_time
         return RequestOutput(req.request_id, choices, finished, req.num_prompt_tokens,
                              sum(len(s.output_token_ids) for s in req.seqs), req.adapter, req.adapter_version,
-                             self.name)
+                             self.name, queued)
 
     # -- offline convenience ----------------------------------------------------------------
     def generate(self, prompts: list[Any], sampling: SamplingParams, adapters: list[str | None] | None = None,

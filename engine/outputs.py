@@ -34,3 +34,4 @@ class RequestOutput:
     adapter: str | None = None
     adapter_version: int | None = None
     served_by: str | None = None  # which engine instance (the Decoder replica) produced it
+    queue_time_s: float | None = None  # add_request -> first step that scheduled it (waiting queue + slot wait)

@@ -6,13 +6,13 @@ and `overload` (1 tiny Decoder with a queue of one) for the 503 test.
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
 
 API_KEY = "test-key"
 ADMIN_KEY = "admin-key"
+METRICS_INTERVAL_MS = 1000  # replicas export their metrics every second (Ray's default: 10 s)
 
 
 def _free_port() -> int:
@@ -48,7 +48,9 @@ def serve_instance(tiny_model_dir, tmp_path_factory):
     from deployments.app import build_app
 
     port = _free_port()
+    metrics_port = _free_port()  # Ray's Prometheus endpoint (the node's metrics agent), read by test_metrics.py
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS},
              runtime_env={"env_vars": {"VLORA_API_KEYS": API_KEY, "VLORA_ADMIN_KEYS": ADMIN_KEY,
                                        "TOKENIZERS_PARALLELISM": "false"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -59,7 +61,8 @@ def serve_instance(tiny_model_dir, tmp_path_factory):
                            engine={"max_num_seqs": 1, "max_waiting_requests": 1},
                            decoder={"num_replicas": 1, "num_cpus": 0.1})
     serve.run(build_app(overload), name="overload", route_prefix="/overload")
-    yield {"url": f"http://127.0.0.1:{port}", "store": store, "uploads": uploads}
+    yield {"url": f"http://127.0.0.1:{port}", "store": store, "uploads": uploads,
+           "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics"}
     serve.shutdown()
     ray.shutdown()
 
