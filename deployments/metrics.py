@@ -7,7 +7,7 @@ the `deployment`, `replica` and `application` labels. Ray renders a metric named
 `ray_vlora_x` (counters get `_total`): Ray 2.60's OpenTelemetry pipeline drops names with a
 colon, so vLLM's `vllm:x` style becomes `vlora_x` here (`vllm:time_to_first_token_seconds` ->
 `ray_vlora_time_to_first_token_seconds`). Names and meanings are listed in
-deployments/OPERATORS.md; the Grafana dashboard is deployments/grafana_dashboard.json.
+the README's "Operators" section; the Grafana dashboard is deployments/grafana_dashboard.json.
 
 Histograms: Ray rebuilds each histogram on the metrics agent from bucket counts, so `_count`
 and `_bucket` are exact but `_sum` is approximate (bucket midpoints): use histogram_quantile(),
