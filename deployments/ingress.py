@@ -252,22 +252,23 @@ class Ingress:
         teacher = self._chat_source(opt.teacher_messages) if opt and opt.teacher_messages else None
         rid, gen, first = await self._start(rec, source, sampling, self._adapter_for(req.model), explicit,
                                             opt, teacher)
+        return await self._respond(rec, req, sampling, rid, gen, first, "chatcmpl", self._chat_stream,
+                                   chat_completion_response)
+
+    async def _respond(self, rec: RequestRecord, req, sampling, rid: str, gen, first: RequestOutput, prefix: str,
+                       stream, build):
+        """What both completion routes share: headers, then an SSE stream or one JSON body."""
         headers = self._headers(rid, first)
-        cid = f"chatcmpl-{rid}"
-        created = int(time.time())
-        extra = self._extra(first)
+        cid, created, extra = f"{prefix}-{rid}", int(time.time()), self._extra(first)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                self._chat_stream(first, gen, cid, created, req, include_usage, extra, rec),
-                media_type="text/event-stream", headers=headers)
+            return StreamingResponse(stream(first, gen, cid, created, req, req.include_usage, extra, rec),
+                                     media_type="text/event-stream", headers=headers)
         acc = _Accumulator(sampling.n)
         async for out in self._rest(first, gen, rec):
             acc.add(out)
         fp = extra.pop("system_fingerprint")
-        body = chat_completion_response(
-            cid, req.model, created, acc.text, acc.finish, acc.logprobs if sampling.logprobs else None,
-            (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
+        body = build(cid, req.model, created, acc.text, acc.finish, acc.logprobs if sampling.logprobs else None,
+                     (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
         rec.status = 200
         return JSONResponse(attach_diagnostics(body, acc.diagnostics, summary=True), headers=headers)
 
@@ -331,24 +332,8 @@ class Ingress:
         teacher = self.preprocessor.prepare_text.remote(opt.teacher_prompt) if opt and opt.teacher_prompt else None
         rid, gen, first = await self._start(rec, prep, sampling, self._adapter_for(req.model), explicit,
                                             opt, teacher)
-        headers = self._headers(rid, first)
-        cid = f"cmpl-{rid}"
-        created = int(time.time())
-        extra = self._extra(first)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                self._completion_stream(first, gen, cid, created, req, include_usage, extra, rec),
-                media_type="text/event-stream", headers=headers)
-        acc = _Accumulator(sampling.n)
-        async for out in self._rest(first, gen, rec):
-            acc.add(out)
-        fp = extra.pop("system_fingerprint")
-        body = completion_response(cid, req.model, created, acc.text, acc.finish,
-                                   acc.logprobs if sampling.logprobs else None,
-                                   (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
-        rec.status = 200
-        return JSONResponse(attach_diagnostics(body, acc.diagnostics, summary=True), headers=headers)
+        return await self._respond(rec, req, sampling, rid, gen, first, "cmpl", self._completion_stream,
+                                   completion_response)
 
     async def _completion_stream(self, first, gen, cid, created, req, include_usage, extra,
                                  rec: RequestRecord) -> AsyncIterator[bytes]:

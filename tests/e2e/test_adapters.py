@@ -184,13 +184,10 @@ def test_restart_of_store_and_a_decoder_replica_loses_nothing(colours, base_url,
         {img: set().union(*v.values()) for img, v in before.items()}
 
 
-def test_peft_adapter_loads_and_matches_hf_peft(base_url, client, hf_model, tokenizer, serve_instance, tmp_path):
-    folder = random_peft_adapter(hf_model, serve_instance["uploads"] / "peft-r4", seed=11, r=4, alpha=8)
-    r = httpx.post(f"{base_url}/v1/adapters", json={"name": "peft-r4", "path": str(folder)}, headers=ADMIN)
-    assert r.status_code == 200, r.text
-    assert r.json()["origin"] == "loaded" and r.json()["version"] == 1
-    msgs = [{"role": "user", "content": "Hello! How can I help you today?"}]
-    got = client.chat.completions.create(model="peft-r4", messages=msgs, temperature=0, max_tokens=10)
+def assert_served_like_hf_peft(client, model, folder, hf_model, tokenizer, question: str) -> None:
+    """The service's greedy answer equals plain HF+PEFT generate with the adapter folder."""
+    msgs = [{"role": "user", "content": question}]
+    got = client.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=10)
     ids = chat_ids(tokenizer, msgs)
     pm = peft_model(hf_model, folder)
     try:
@@ -198,21 +195,21 @@ def test_peft_adapter_loads_and_matches_hf_peft(base_url, client, hf_model, toke
     finally:
         pm.unload()
     assert got.choices[0].message.content == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_peft_adapter_loads_and_matches_hf_peft(base_url, client, hf_model, tokenizer, serve_instance, tmp_path):
+    folder = random_peft_adapter(hf_model, serve_instance["uploads"] / "peft-r4", seed=11, r=4, alpha=8)
+    r = httpx.post(f"{base_url}/v1/adapters", json={"name": "peft-r4", "path": str(folder)}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["origin"] == "loaded" and r.json()["version"] == 1
+    assert_served_like_hf_peft(client, "peft-r4", folder, hf_model, tokenizer, "Hello! How can I help you today?")
 
 
 def test_learned_adapter_loads_back_in_plain_peft(colours, client, hf_model, tokenizer, serve_instance):
     info = httpx.get(f"{serve_instance['url']}/v1/adapters/colours", headers=ADMIN).json()
     version = info["current"]
     folder = serve_instance["store"] / "colours" / f"v{version}"
-    msgs = [{"role": "user", "content": "Describe the image."}]
-    got = client.chat.completions.create(model="colours", messages=msgs, temperature=0, max_tokens=10)
-    ids = chat_ids(tokenizer, msgs)
-    pm = peft_model(hf_model, folder)
-    try:
-        out = pm.generate(input_ids=torch.tensor([ids]), max_new_tokens=10, do_sample=False)
-    finally:
-        pm.unload()
-    assert got.choices[0].message.content == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    assert_served_like_hf_peft(client, "colours", folder, hf_model, tokenizer, "Describe the image.")
 
 
 def test_async_learn_job_and_rollback(colours, base_url):
