@@ -494,6 +494,17 @@ def _legacy_logprobs(logprobs: list[TokenLogprob] | None, tokens: _Tokens, offse
     return out
 
 
+def _envelope(id_prefix: str, obj: str, request_id: str, model: str, created: int, choices: list,
+              system_fingerprint: str | None, usage: tuple[int, int] | None, extra: Mapping[str, Any] | None) -> dict:
+    """The fields every response and chunk shares; `usage` only where given (a chunk's is the last one)."""
+    body = {"id": _prefixed(id_prefix, request_id), "object": obj, "created": int(created), "model": model,
+            "choices": choices, "system_fingerprint": system_fingerprint}
+    if usage is not None:
+        body["usage"] = _usage(usage)
+    body.update(extra or {})
+    return body
+
+
 def _per_choice(values: list | None, n: int) -> list:
     return list(values) if values is not None else [None] * n
 
@@ -513,24 +524,17 @@ def chat_completion_response(
     """A whole `chat.completion` object; `logprobs[i]` is None where choice i has none."""
     tokens = _Tokens(tokenizer_decode)
     lps = _per_choice(logprobs, len(choices_text))
-    return {
-        "id": _prefixed("chatcmpl-", request_id),
-        "object": "chat.completion",
-        "created": int(created),
-        "model": model,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": _chat_logprobs(lps[i], tokens),
-                "finish_reason": finish_reasons[i],
-            }
-            for i, text in enumerate(choices_text)
-        ],
-        "usage": _usage(usage),
-        "system_fingerprint": system_fingerprint,
-        **(extra or {}),
-    }
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": _chat_logprobs(lps[i], tokens),
+            "finish_reason": finish_reasons[i],
+        }
+        for i, text in enumerate(choices_text)
+    ]
+    return _envelope("chatcmpl-", "chat.completion", request_id, model, created, choices, system_fingerprint,
+                     usage, extra)
 
 
 def chat_completion_chunk(
@@ -562,18 +566,8 @@ def chat_completion_chunk(
                 raise ValueError("tokenizer_decode is needed to render logprobs")
             lp = _chat_logprobs(d.logprobs, tokens)
         choices.append({"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason})
-    chunk = {
-        "id": _prefixed("chatcmpl-", request_id),
-        "object": "chat.completion.chunk",
-        "created": int(created),
-        "model": model,
-        "choices": choices,
-        "system_fingerprint": system_fingerprint,
-    }
-    if usage is not None:
-        chunk["usage"] = _usage(usage)
-    chunk.update(extra or {})
-    return chunk
+    return _envelope("chatcmpl-", "chat.completion.chunk", request_id, model, created, choices, system_fingerprint,
+                     usage, extra)
 
 
 def completion_response(
@@ -591,19 +585,11 @@ def completion_response(
     """A whole legacy `text_completion` object (logprobs in the legacy tokens/top_logprobs format)."""
     tokens = _Tokens(tokenizer_decode)
     lps = _per_choice(logprobs, len(choices_text))
-    return {
-        "id": _prefixed("cmpl-", request_id),
-        "object": "text_completion",
-        "created": int(created),
-        "model": model,
-        "choices": [
-            {"index": i, "text": text, "logprobs": _legacy_logprobs(lps[i], tokens), "finish_reason": finish_reasons[i]}
-            for i, text in enumerate(choices_text)
-        ],
-        "usage": _usage(usage),
-        "system_fingerprint": system_fingerprint,
-        **(extra or {}),
-    }
+    choices = [
+        {"index": i, "text": text, "logprobs": _legacy_logprobs(lps[i], tokens), "finish_reason": finish_reasons[i]}
+        for i, text in enumerate(choices_text)
+    ]
+    return _envelope("cmpl-", "text_completion", request_id, model, created, choices, system_fingerprint, usage, extra)
 
 
 def completion_chunk(
@@ -630,18 +616,7 @@ def completion_chunk(
                 raise ValueError("tokenizer_decode is needed to render logprobs")
             lp = _legacy_logprobs(d.logprobs, tokens, (text_offsets or {}).get(d.index, 0))
         choices.append({"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason})
-    chunk = {
-        "id": _prefixed("cmpl-", request_id),
-        "object": "text_completion",
-        "created": int(created),
-        "model": model,
-        "choices": choices,
-        "system_fingerprint": system_fingerprint,
-    }
-    if usage is not None:
-        chunk["usage"] = _usage(usage)
-    chunk.update(extra or {})
-    return chunk
+    return _envelope("cmpl-", "text_completion", request_id, model, created, choices, system_fingerprint, usage, extra)
 
 
 def models_response(
