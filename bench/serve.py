@@ -56,6 +56,7 @@ import torch  # noqa: E402
 
 from client.client import data_url  # noqa: E402
 from client.loadgen import BenchConfig, LoadGenerator, noise_png, summarize  # noqa: E402
+from deployments.app import decoder_stats  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.images import ImageTransform, load_image  # noqa: E402
@@ -227,22 +228,6 @@ class ServeCluster:
         with contextlib.suppress(Exception):
             ray.shutdown()
         self._tmp.cleanup()
-
-
-def decoder_stats(app: str, replicas: int, tries: int = 100) -> dict[str, dict]:
-    """Stats of every Decoder replica of `app` (calls are routed at random: call until each answered)."""
-    from ray import serve
-
-    h = serve.get_deployment_handle("Decoder", app_name=app)
-    seen: dict[str, dict] = {}
-    for _ in range(tries):
-        s = h.stats.remote().result()
-        seen[s["replica_id"]] = s
-        if len(seen) >= replicas:
-            break
-    if len(seen) < replicas:
-        raise RuntimeError(f"saw {len(seen)} of {replicas} Decoder replicas of {app}")
-    return seen
 
 
 # -- the engine alone --------------------------------------------------------------------------------

@@ -73,3 +73,20 @@ def build_app(args: dict | AppConfig | None = None) -> Application:
     trainer = _deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1}),
                           shares["trainer"]).bind(config, store)
     return _deployment(Ingress, "Ingress", config.ingress).bind(config, pre, vis, dec, trainer, store)
+
+
+def decoder_stats(app: str = "vlora", replicas: int = 2, tries: int = 100) -> dict[str, dict]:
+    """Stats of every Decoder replica of `app`, keyed by replica id (for tests, benchmarks, operators).
+
+    Serve routes each call to a random replica, so this calls until every replica has answered.
+    """
+    h = serve.get_deployment_handle("Decoder", app_name=app)
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        s = h.stats.remote().result()
+        seen[s["replica_id"]] = s
+        if len(seen) >= replicas:
+            break
+    if len(seen) < replicas:
+        raise RuntimeError(f"saw {len(seen)} of {replicas} Decoder replicas of {app}")
+    return seen

@@ -77,18 +77,3 @@ def client(base_url):
     import openai
 
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-def decoder_stats(app: str = "vlora", replicas: int = 2, tries: int = 60) -> dict[str, dict]:
-    """Stats of every Decoder replica (calls are routed at random: call until each has answered)."""
-    from ray import serve
-
-    h = serve.get_deployment_handle("Decoder", app_name=app)
-    seen: dict[str, dict] = {}
-    for _ in range(tries):
-        s = h.stats.remote().result()
-        seen[s["replica_id"]] = s
-        if len(seen) >= replicas:
-            break
-    assert len(seen) == replicas, f"saw {len(seen)} of {replicas} Decoder replicas"
-    return seen

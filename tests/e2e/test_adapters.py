@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.e2e.conftest import ADMIN_KEY, API_KEY, decoder_stats
+from deployments.app import decoder_stats
+from tests.e2e.conftest import ADMIN_KEY, API_KEY
 from tests.unit.oracle import peft_model, random_peft_adapter
 
 pytestmark = pytest.mark.e2e

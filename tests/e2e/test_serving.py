@@ -17,7 +17,8 @@ from deployments.vision_encoder import VisionEncoderDeployment
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling import SamplingParams
-from tests.e2e.conftest import API_KEY, decoder_stats
+from deployments.app import decoder_stats
+from tests.e2e.conftest import API_KEY
 from tests.unit.oracle import random_image
 
 pytestmark = pytest.mark.e2e
