@@ -42,7 +42,7 @@ async def health_report(app_name: str, handles: dict[str, object], targets: dict
     probes = await asyncio.gather(*(probe(h) for h in handles.values()))
     deployments = dict(zip(handles, probes))
     try:
-        states = await asyncio.to_thread(_replica_states, app_name)
+        states = await asyncio.wait_for(asyncio.to_thread(_replica_states, app_name), PROBE_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - the controller's view is extra; its absence is reported
         log.warning("reading Serve's replica states failed", exc_info=True)
         states, error = None, f"unavailable: {type(exc).__name__}"

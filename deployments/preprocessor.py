@@ -55,8 +55,10 @@ class Preprocessor:
             if estimate >= self.max_model_len:
                 raise context_length_error(estimate, self.max_model_len)
         images = [self.transform(finish_decode(img)) for img in opened]
-        if images:
-            self.metrics.image.observe((time.perf_counter() - t0) / len(images))
+        if images:  # per image: the request's load + decode + transform time, shared evenly
+            per_image = (time.perf_counter() - t0) / len(images)
+            for _ in images:
+                self.metrics.image.observe(per_image)
             self.metrics.images.inc(len(images))
         prompt = self.builder.build_chat(messages, [im.grid_thw for im in images])
         return PreparedRequest(prompt, [im.pixel_values for im in images], [im.content_hash for im in images])

@@ -268,10 +268,14 @@ async def _abandon(url: str, n: int, after_s: float) -> int:
 
 def wait_idle(timeout: float = 60) -> dict:
     deadline = time.time() + timeout
+    stats: dict | str = {}
     while True:
-        stats = decoder_stats()
-        if all(s["num_requests"] == 0 and s["kv_blocks_used"] == 0 for s in stats.values()):
-            return stats
+        try:  # a busy replica gets no routed stats call until its queue drains
+            stats = decoder_stats(tries=20)
+            if all(s["num_requests"] == 0 and s["kv_blocks_used"] == 0 for s in stats.values()):
+                return stats
+        except RuntimeError as e:
+            stats = str(e)
         assert time.time() < deadline, f"decoders never went idle: {stats}"
         time.sleep(0.3)
 
@@ -327,11 +331,17 @@ def test_an_engine_thread_fault_fails_its_requests_and_health_reports_it(base_ur
     assert_error(out["plain"], 503, "engine failed")
     assert out["plain"].headers["retry-after"] == "1"
 
+    def health():
+        try:  # while the replacement loads its model on a busy machine, a probe may take a while
+            return httpx.get(f"{base_url}{prefix}/health", timeout=60)
+        except httpx.TimeoutException:
+            return None
+
     seen_degraded = None
     deadline = time.time() + 60
     while time.time() < deadline:
-        h = httpx.get(f"{base_url}{prefix}/health", timeout=30)
-        if h.status_code == 503:
+        h = health()
+        if h is not None and h.status_code == 503:
             seen_degraded = h.json()
             break
         time.sleep(0.2)
@@ -339,12 +349,12 @@ def test_an_engine_thread_fault_fails_its_requests_and_health_reports_it(base_ur
     dec = seen_degraded["replicas"]["decoder"]
     assert seen_degraded["status"] == "degraded"
     assert dec["running"] < 1 or seen_degraded["deployments"]["decoder"] != "ready" or dec["status"] != "HEALTHY"
-    deadline = time.time() + 120
+    deadline = time.time() + 240
     while True:
-        h = httpx.get(f"{base_url}{prefix}/health", timeout=30)
-        if h.status_code == 200:
+        h = health()
+        if h is not None and h.status_code == 200:
             break
-        assert time.time() < deadline, f"the replica was never replaced: {h.text}"
+        assert time.time() < deadline, f"the replica was never replaced: {h.text if h is not None else 'timeout'}"
         time.sleep(0.5)
     assert h.json()["replicas"]["decoder"] == {"target": 1, "running": 1, "status": "HEALTHY",
                                                "states": {"RUNNING": 1}}
