@@ -26,6 +26,7 @@ from deployments.openai_api import ApiError
 from deployments.placement import resolve_device_dtype
 from engine.config import LORA_TARGET_MODULES
 
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -310,3 +310,23 @@ def test_text_that_only_looks_like_markup_is_plain_text(builder, tokenizer):
     text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert not set(text_ids) & set(tokenizer.all_special_ids)
     assert any(prompt[i:i + len(text_ids)] == text_ids for i in range(len(prompt)))
+
+
+# -- what a client sees for server-side failures ---------------------------------------------
+
+def test_lost_replicas_are_503_to_retry_and_context_errors_carry_their_code():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from deployments.errors import api_error_for
+    from engine.engine import ContextLengthError
+
+    for exc in (ActorDiedError(), ActorUnavailableError("restarting", None)):
+        api = api_error_for(exc)
+        assert (api.status, api.retry_after, api.type) == (503, 1, "server_error") and "retry" in api.message
+    wrapped = RuntimeError("outer")
+    wrapped.__cause__ = ActorDiedError()
+    assert api_error_for(wrapped).status == 503
+    api = api_error_for(ContextLengthError("this model's maximum context length is 1024 tokens"))
+    assert (api.status, api.code) == (400, "context_length_exceeded")
+    bug = api_error_for(KeyError("secret detail"))
+    assert (bug.status, bug.message) == (500, "internal error: KeyError")  # no detail leaks
