@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from engine.config import LORA_TARGET_MODULES
 from engine.lora import LoRAWeights
@@ -38,10 +38,16 @@ def read_adapter_config(folder: str | Path) -> dict:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise AdapterFormatError(f"{path} not found: a PEFT adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    return parse_adapter_config(path.read_bytes())
+
+
+def parse_adapter_config(raw: bytes) -> dict:
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise AdapterFormatError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(f"{CONFIG_NAME} must hold a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterFormatError(f"peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
     for key, why in (("use_dora", "DoRA"), ("rank_pattern", "per-module ranks (rank_pattern)"),
@@ -50,7 +56,7 @@ def read_adapter_config(folder: str | Path) -> dict:
             raise AdapterFormatError(f"{why} is not supported; train the adapter without it")
     if cfg.get("bias", "none") != "none":
         raise AdapterFormatError(f"bias={cfg['bias']!r} is not supported; use bias='none'")
-    if not isinstance(cfg.get("r"), int) or cfg["r"] < 1:
+    if not isinstance(cfg.get("r"), int) or isinstance(cfg.get("r"), bool) or cfg["r"] < 1:
         raise AdapterFormatError(f"adapter_config.json r must be a positive integer, got {cfg.get('r')!r}")
     return cfg
 
@@ -92,6 +98,22 @@ def load_peft_adapter(folder: str | Path) -> tuple[LoRAWeights, dict]:
         raise AdapterFormatError(f"{wpath} not found")
     try:
         tensors = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFormatError(f"{WEIGHTS_NAME} is not a readable safetensors file: {e}") from None
+    return parse_lora_state_dict(tensors, cfg), cfg
+
+
+def parse_peft_adapter(config_raw: bytes | None, weights_raw: bytes | None) -> tuple[LoRAWeights, dict]:
+    """`load_peft_adapter` over file contents already read (by adapters/folders.py)."""
+    if config_raw is None:
+        raise AdapterFormatError(f"{CONFIG_NAME} not found: a PEFT adapter folder needs {CONFIG_NAME} and "
+                                 f"{WEIGHTS_NAME}")
+    cfg = parse_adapter_config(config_raw)
+    if weights_raw is None:
+        raise AdapterFormatError(f"{WEIGHTS_NAME} not found (adapter_model.bin pickles are not accepted; save the "
+                                 "adapter with safetensors)")
+    try:
+        tensors = load(weights_raw)
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFormatError(f"{WEIGHTS_NAME} is not a readable safetensors file: {e}") from None
     return parse_lora_state_dict(tensors, cfg), cfg

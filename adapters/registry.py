@@ -48,11 +48,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
+from adapters.folders import read_files
 from adapters.peft_io import (
+    CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterFormatError,
-    load_peft_adapter,
     parse_lora_state_dict,
+    parse_peft_adapter,
     save_peft_adapter,
 )
 from engine.config import LORA_TARGET_MODULES
@@ -311,12 +313,16 @@ class AdapterRegistry:
             return self._publish_locked(name, weights, float(lora_alpha), use_rslora, origin, parent_version,
                                         None if source is None else str(source), metrics)
 
-    def load_folder(self, name: str, folder: str | os.PathLike) -> VersionInfo:
+    def load_folder(self, name: str, folder: str | os.PathLike, allowed_dirs: list[str] | None = None,
+                    max_file_bytes: int = 2 * 2**30) -> VersionInfo:
         """Publish a PEFT adapter folder as the next version of `name` (origin "loaded", source = folder).
 
-        Raises AdapterFormatError (from peft_io) for a folder that is not a servable PEFT LoRA."""
+        The folder must lie inside `allowed_dirs` (when given); its files are read without following
+        symlinks and at most `max_file_bytes` each (AdapterPathError). Raises AdapterFormatError
+        (from peft_io) for a folder that is not a servable PEFT LoRA."""
         validate_adapter_name(name)
-        lw, cfg = load_peft_adapter(folder)
+        files = read_files(str(folder), (CONFIG_NAME, WEIGHTS_NAME), max_file_bytes, allowed_dirs)
+        lw, cfg = parse_peft_adapter(files[CONFIG_NAME], files[WEIGHTS_NAME])
         return self.publish(name, lw, lora_alpha=float(cfg.get("lora_alpha", lw.rank)),
                             use_rslora=bool(cfg.get("use_rslora", False)), origin="loaded",
                             source=str(folder))

@@ -81,8 +81,10 @@ class AdapterStoreActor:
         return await self._mutate(self.registry.publish, name, weights, lora_alpha, use_rslora, origin,
                                   parent_version, None, metrics)
 
-    async def load_folder(self, name: str, folder: str) -> dict:
-        return await self._mutate(self.registry.load_folder, name, folder)
+    async def load_folder(self, name: str, folder: str, allowed_dirs: list[str] | None = None,
+                          max_file_bytes: int = 2 * 2**30) -> dict:
+        """Publish a PEFT folder; the allow-list check and the read both happen here, where the files are read."""
+        return await self._mutate(self.registry.load_folder, name, folder, allowed_dirs, max_file_bytes)
 
     async def rollback(self, name: str, to_version: int | None = None) -> dict:
         return await self._mutate(self.registry.rollback, name, to_version)

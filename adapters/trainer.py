@@ -99,6 +99,7 @@ class LoRATrainer:
     max_batch_tokens: int = 8192
     max_grad_norm: float = 1.0  # gradient clipping (the norm is checked for finiteness first)
     weight_decay: float = 0.0
+    max_total_tokens: int | None = None  # tokens of all examples of one call together (None: no limit)
 
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  image_policy: ImageLoadPolicy | None = None):
@@ -301,6 +302,10 @@ class LoRATrainer:
             raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate!r}")
         rank, lora_alpha, modules = self._adapter_shape(rank, lora_alpha, target_modules, use_rslora, init, init_alpha)
         data = self.tokenize(examples)
+        total = sum(len(ex.token_ids) for ex in data)
+        if self.max_total_tokens is not None and total > self.max_total_tokens:
+            raise TrainingDataError(f"the examples are {total} tokens together, above the limit of "
+                                    f"{self.max_total_tokens} per learn call; send fewer or shorter examples")
         num_target_tokens = sum(ex.num_target_tokens for ex in data)
 
         from peft import LoraConfig, get_peft_model

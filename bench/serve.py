@@ -154,6 +154,7 @@ def app_config(model_dir: Path, store_dir: Path, load_dir: Path | None = None, d
         "served_model_name": MODEL_NAME,
         "adapter_store_dir": str(store_dir),
         "adapter_load_dirs": [str(load_dir)] if load_dir else [],
+        "admin_open": True,  # a private instance on 127.0.0.1: bench/adapters.py calls the admin routes keyless
         "engine": lim,
         "preprocessor": dict(rep),
         "vision_encoder": dict(rep),

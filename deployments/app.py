@@ -34,6 +34,7 @@ def _deployment(cls, name: str, replica, gpu_share: float = 0.0):
         num_replicas=replica.num_replicas,
         max_ongoing_requests=replica.max_ongoing_requests,
         max_queued_requests=replica.max_queued_requests,
+        health_check_period_s=replica.health_check_period_s,
         ray_actor_options=actor_options(replica, gpu_share),
     )
 

@@ -20,6 +20,8 @@ class ReplicaConfig(_Strict):
     max_ongoing_requests: int = Field(256, ge=1, description="requests a replica accepts at once")
     max_queued_requests: int = Field(
         512, ge=-1, description="requests waiting for a replica before callers get 503 (-1 = unbounded)")
+    health_check_period_s: float = Field(
+        10.0, gt=0, description="how often Serve runs each replica's health check (a failed one is replaced)")
 
 
 class EngineLimits(_Strict):
@@ -35,11 +37,42 @@ class EngineLimits(_Strict):
 
 
 class ImageLimits(_Strict):
-    allow_http: bool = Field(True, description="fetch http(s) image URLs")
-    http_timeout_s: float = Field(10.0, gt=0)
-    max_image_bytes: int = Field(20 * 2**20, gt=0)
-    max_image_pixels: int = Field(64 * 2**20, gt=0, description="decompression-bomb guard, checked before decoding")
+    allow_http: bool = Field(True, description="fetch http(s) image URLs (public addresses only, see allowed_*)")
+    http_timeout_s: float = Field(10.0, gt=0, description="whole-download limit for one image URL")
+    max_redirects: int = Field(3, ge=0, description="redirect hops followed per image URL, each re-checked")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="host names fetched even when they resolve to internal addresses "
+                                          "(exact, or '.example.com' for subdomains); for internal image hosts")
+    allowed_networks: list[str] = Field(
+        default_factory=list, description="internal networks image URLs may reach (CIDR, e.g. 10.1.0.0/16)")
+    max_image_bytes: int = Field(20 * 2**20, gt=0, description="encoded bytes per image")
+    max_image_pixels: int = Field(
+        16 * 2**20, gt=0, description="pixels per image (decompression-bomb guard), read from the header before decoding")
+    max_images_per_request: int = Field(
+        16, ge=0, description="image parts per request, teacher messages included (like vLLM's limit_mm_per_prompt)")
+    max_total_pixels: int = Field(
+        64 * 2**20, gt=0, description="pixels of all images of one request together, read from the headers")
     allowed_local_dirs: list[str] = Field(default_factory=list, description="directories local image paths may read")
+
+
+class RequestLimits(_Strict):
+    """What one request may ask for; each limit is answered with OpenAI error JSON."""
+
+    max_body_bytes: int = Field(32 * 2**20, gt=0, description="request body size; larger bodies get 413")
+    max_json_depth: int = Field(32, ge=2, description="nesting of the JSON body; deeper bodies get 400")
+    max_stop_token_ids: int = Field(64, ge=0, description="entries of stop_token_ids (each must be a vocabulary id)")
+    max_stop_string_chars: int = Field(256, ge=1, description="characters per stop string")
+    max_learn_examples: int = Field(1000, ge=1, description="examples per learn call")
+    max_learn_steps: int = Field(1000, ge=0, description="optimizer steps per learn call")
+    max_learn_tokens: int = Field(262144, ge=1, description="tokens of all examples of one learn call together")
+    max_adapter_file_bytes: int = Field(2 * 2**30, gt=0, description="size of each file of a loaded adapter folder")
+    first_token_timeout_s: float = Field(
+        300.0, gt=0, description="a request with no first output by then is aborted with 504")
+    request_timeout_s: float = Field(1800.0, gt=0, description="a request still generating by then is aborted (504)")
+    admin_timeout_s: float = Field(
+        180.0, gt=0, description="adapter store calls (load, delete, rollback, list) give 504 after this long")
+    learn_timeout_s: float = Field(
+        3600.0, gt=0, description="a synchronous learn call answers 504 after this long (async jobs keep running)")
 
 
 class AppConfig(_Strict):
@@ -52,10 +85,16 @@ class AppConfig(_Strict):
         "auto", description="auto = bfloat16 on GPU, float32 on CPU")
     engine: EngineLimits = Field(default_factory=EngineLimits)
     images: ImageLimits = Field(default_factory=ImageLimits)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
     default_max_tokens: int = Field(256, ge=1, description="completion limit when a request gives none")
     vision_cache_mb: int = Field(256, ge=0, description="image-embedding cache per VisionEncoder replica")
     api_keys_env: str = Field("VLORA_API_KEYS", description="env var with comma-separated API keys; unset = open")
-    admin_keys_env: str = Field("VLORA_ADMIN_KEYS", description="env var with admin keys for /v1/adapters routes")
+    admin_keys_env: str = Field(
+        "VLORA_ADMIN_KEYS", description="env var with admin keys for the adapter and learn routes; API keys never "
+                                        "work there. Unset = admin routes answer 403 (unless admin_open)")
+    admin_open: bool = Field(
+        False, description="let anyone use the admin routes when no admin keys are set; only for a server bound "
+                           "to 127.0.0.1 (the tiny local serve_config.yaml)")
     adapter_store_dir: str = Field("adapter_store", description="where the AdapterStore persists adapters")
     adapter_retention: int = Field(5, ge=1, description="versions kept per adapter (the current one always)")
     adapter_load_dirs: list[str] = Field(

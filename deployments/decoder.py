@@ -15,7 +15,7 @@ from deployments.metrics import DecoderMetrics, get_logger
 from deployments.openai_api import ApiError
 from deployments.placement import resolve_device_dtype
 from engine.config import EngineConfig
-from engine.engine import AsyncEngine, LLMEngine
+from engine.engine import AsyncEngine, EngineDeadError, LLMEngine
 from engine.optimal_sampling import OptimalSamplingParams
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
@@ -124,6 +124,8 @@ class Decoder:
                 yield out
         except ApiError:
             raise
+        except EngineDeadError as exc:
+            raise ApiError(503, f"{exc}", retry_after=1) from None
         except Exception as exc:
             api = to_api_error(exc)
             if api is None:
@@ -152,9 +154,20 @@ class Decoder:
 
     async def ready(self) -> bool:
         """Model loaded (the constructor finished), engine thread alive, AdapterStore answering."""
-        if not self.engine._thread.is_alive():
+        if not self.engine.healthy:
             return False
         return self.sync is None or (self.sync.alive() and self.sync.silent_for() < STORE_SILENCE_S)
+
+    async def check_health(self) -> None:
+        """Serve's periodic probe: a replica whose engine thread failed is marked unhealthy and replaced."""
+        if not self.engine.healthy:
+            raise RuntimeError(f"engine thread failed: {self.engine.error!r}")
+
+    async def inject_engine_fault(self, message: str = "injected fault") -> str:
+        """Fault drill (reachable through a Serve handle only, never over HTTP): the engine thread
+        raises before its next step, as a bug would. Returns this replica's id."""
+        self.engine.inject_fault(RuntimeError(message))
+        return self.replica_id
 
     def __del__(self):
         if getattr(self, "_stop", None) is not None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from adapters.folders import AdapterPathError
 from adapters.peft_io import AdapterFormatError
 from adapters.registry import AdapterCorruptError, AdapterNameError, AdapterNotFoundError
 from deployments.openai_api import ApiError
-from engine.engine import RequestError
+from engine.engine import ContextLengthError, RequestError
 from engine.images import ImageError
 from engine.lora import LoRASlotError
 from engine.lora_manager import UnknownAdapterError
@@ -26,10 +27,14 @@ def to_api_error(exc: BaseException) -> ApiError | None:
         return ApiError(404, str(exc), code="adapter_not_found")
     if isinstance(exc, AdapterCorruptError):
         return ApiError(500, f"stored adapter is corrupt: {exc}", type="server_error")
+    if isinstance(exc, AdapterPathError):
+        return ApiError(400, str(exc), param="path")
     if isinstance(exc, AdapterNameError):
         return ApiError(400, str(exc), param="name")
     if isinstance(exc, (AdapterFormatError, LoRASlotError)):
         return ApiError(400, f"invalid adapter: {exc}")
+    if isinstance(exc, ContextLengthError):
+        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, (RequestError, LoRASlotError, ValueError)):
         return ApiError(400, str(exc))
     return None
@@ -45,6 +50,29 @@ def find_api_error(exc: BaseException) -> ApiError | None:
             return found
         exc = getattr(exc, "cause", None) or exc.__cause__
     return None
+
+
+def api_error_for(exc: BaseException) -> ApiError:
+    """What a client sees for any failure: its ApiError; a 503 to retry when the replica serving it
+    was lost (died, restarting, engine failed); else a 500 that names only the exception type."""
+    api = find_api_error(exc)
+    if api is not None:
+        return api
+    if _replica_lost(exc):
+        return ApiError(503, "the replica serving this request stopped; retry the request", retry_after=1)
+    return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (RayActorError, ActorUnavailableError)):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return False
 
 
 def _is_ray_wrapper(exc: BaseException) -> bool:

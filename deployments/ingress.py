@@ -6,20 +6,24 @@ the VisionEncoder and that one's to the Decoder, then relays the Decoder's strea
 
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
+from starlette.exceptions import HTTPException
 
+from deployments import limits
+from deployments.auth import KeyCheck
 from deployments.config import AppConfig
-from deployments.errors import find_api_error
+from deployments.errors import api_error_for
+from deployments.health import health_report
 from deployments.metrics import IngressMetrics, RequestRecord, get_logger
 from deployments.openai_api import (
     SSE_DONE,
@@ -35,10 +39,10 @@ from deployments.openai_api import (
     sse,
     validation_error_to_api_error,
 )
+from engine.model import TextConfig
 from engine.outputs import RequestOutput
 
 log = get_logger("vlora.ingress")
-HEALTH_TIMEOUT_S = 10.0
 
 app = FastAPI(title="vlora", description="Qwen2.5-VL with online-learned LoRA adapters, OpenAI-compatible")
 
@@ -46,6 +50,23 @@ app = FastAPI(title="vlora", description="Qwen2.5-VL with online-learned LoRA ad
 @app.exception_handler(ApiError)
 async def _api_error_handler(_: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error_handler(request: Request, exc: HTTPException) -> JSONResponse:
+    """Unknown routes (404) and wrong methods (405) answer in OpenAI's error JSON too."""
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}; see /v1/models, /v1/chat/completions, /v1/completions"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return error_response(ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error_handler(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(ApiError(400, f"invalid request: {exc.errors()[0].get('msg', exc)}"))
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -99,8 +120,8 @@ class Ingress:
         self.trainer = trainer
         self.store = store
         self.model_name = config.model_name
-        self.api_keys = config.keys("api")
-        self.admin_keys = config.keys("admin")
+        self.keys = KeyCheck(config.keys("api"), config.keys("admin"), config.admin_open, config.admin_keys_env)
+        self.vocab_size = TextConfig.from_pretrained(config.model_dir).vocab_size
         self.created = int(time.time())
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
         self.metrics = IngressMetrics()
@@ -108,43 +129,28 @@ class Ingress:
 
     # -- helpers ----------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
-        if not self.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer "):
-            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", type="authentication_error",
-                           code="invalid_api_key")
-        if header[7:].strip() not in self.api_keys:
-            raise ApiError(401, "incorrect API key provided", type="authentication_error", code="invalid_api_key")
+        self.keys.api(request.headers)
 
     def _auth_admin(self, request: Request) -> None:
-        """Admin routes take an admin key when admin keys are set (else an API key, when those are)."""
-        keys = self.admin_keys or self.api_keys
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer ") or header[7:].strip() not in keys:
-            raise ApiError(401, "admin routes need an admin key: send 'Authorization: Bearer <admin key>'",
-                           type="authentication_error", code="invalid_api_key")
+        self.keys.admin(request.headers)
 
-    @staticmethod
-    async def _json(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw or b"null")
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return body
+    async def _json(self, request: Request) -> dict:
+        return await limits.read_json(request, self.config.limits)
 
-    @classmethod
-    async def _body(cls, request: Request, model: type) -> Any:
-        body = await cls._json(request)
+    async def _body(self, request: Request, model: type) -> Any:
+        body = await self._json(request)
         try:
-            return model.model_validate(body)
+            req = model.model_validate(body)
         except ValidationError as e:
             raise validation_error_to_api_error(e) from None
+        lim = self.config.limits
+        limits.check_sampling_limits(req, lim, self.vocab_size)
+        opt = req.optimal_sampling
+        limits.check_image_count([getattr(req, "messages", None), opt.teacher_messages if opt else None],
+                                 self.config.images.max_images_per_request)
+        limits.check_adapter_count({self._adapter_for(req.model), opt.teacher if opt else None},
+                                   self.config.engine.max_loras)
+        return req
 
     def _chat_source(self, messages: list[dict]):
         """Preprocess (and, with images, encode) chat messages; a Ray response, never awaited here."""
@@ -196,40 +202,54 @@ class Ingress:
 
     async def _start(self, rec: RequestRecord, source, sampling, adapter, explicit: bool, optimal=None,
                      teacher=None):
-        """Start the Decoder stream; await its first output so errors become 4xx before any byte is sent."""
-        rid = rec.request_id
+        """Start the Decoder stream; await its first output so errors become 4xx before any byte is sent.
+
+        The engine request id is always fresh: a client's X-Request-Id only labels the record (logs,
+        echoed header), so a reused one can never reach another request."""
+        rid = uuid.uuid4().hex
         gen = self.decoder.options(stream=True).generate.remote(
             source, sampling, adapter, rid, explicit, optimal.to_params() if optimal else None, teacher)
         try:
-            first = await gen.__anext__()
+            first = await asyncio.wait_for(gen.__anext__(), self.config.limits.first_token_timeout_s)
         except StopAsyncIteration:
             raise ApiError(500, "the decoder returned no output", type="server_error") from None
         except BackPressureError:
             raise ApiError(503, "the server is overloaded; retry after a short wait", type="server_error",
                            retry_after=1) from None
+        except asyncio.TimeoutError:
+            gen.cancel()
+            raise ApiError(504, f"no output within {self.config.limits.first_token_timeout_s:g} s "
+                                "(first_token_timeout_s); retry later", code="timeout") from None
         except Exception as exc:
-            api = find_api_error(exc)
-            if api is None:
-                log.exception("request %s failed", rid)
-                raise ApiError(500, f"internal error: {type(exc).__name__}", type="server_error") from None
+            api = api_error_for(exc)
+            if api.status >= 500:
+                log.error("request %s failed: %r", rec.request_id, exc)
             raise api from None
         self._served_by(rec, first)
         return rid, gen, first
 
     def _headers(self, rid: str, out: RequestOutput) -> dict:
-        h = {"x-request-id": rid}
+        h = {"x-request-id": rid}  # Serve's proxy adds the client's (or its own) id in front
         if out.served_by:
             h["x-vlora-replica"] = out.served_by
         if out.adapter_version is not None:
             h["x-adapter-version"] = str(out.adapter_version)
         return h
 
-    @staticmethod
-    async def _rest(first: RequestOutput, gen, rec: RequestRecord) -> AsyncIterator[RequestOutput]:
+    async def _rest(self, first: RequestOutput, gen, rec: RequestRecord) -> AsyncIterator[RequestOutput]:
+        """The first output, then the rest of the stream, within the request's deadline."""
         yield first
         if first.finished:
             return
-        async for out in gen:
+        deadline = rec.arrival + self.config.limits.request_timeout_s
+        while True:
+            try:
+                out = await asyncio.wait_for(gen.__anext__(), max(0.0, deadline - time.perf_counter()))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise ApiError(504, f"the request ran past {self.config.limits.request_timeout_s:g} s "
+                                    "(request_timeout_s); ask for fewer tokens", code="timeout") from None
             rec.on_output(out)
             yield out
             if out.finished:
@@ -258,7 +278,7 @@ class Ingress:
     async def _respond(self, rec: RequestRecord, req, sampling, rid: str, gen, first: RequestOutput, prefix: str,
                        stream, build):
         """What both completion routes share: headers, then an SSE stream or one JSON body."""
-        headers = self._headers(rid, first)
+        headers = self._headers(rec.request_id, first)
         cid, created, extra = f"{prefix}-{rid}", int(time.time()), self._extra(first)
         if req.stream:
             return StreamingResponse(stream(first, gen, cid, created, req, req.include_usage, extra, rec),
@@ -307,7 +327,7 @@ class Ingress:
                     last.num_prompt_tokens, last.num_generated_tokens), extra=extra, system_fingerprint=fp))
             yield SSE_DONE
         except Exception as exc:  # mid-stream failure: tell the client in-band, as OpenAI does
-            api = find_api_error(exc) or ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
+            api = api_error_for(exc)
             rec.status, rec.error = api.status, api.message
             yield sse(api.to_json())
             yield SSE_DONE
@@ -356,7 +376,7 @@ class Ingress:
                     last.num_prompt_tokens, last.num_generated_tokens), extra=extra, system_fingerprint=fp))
             yield SSE_DONE
         except Exception as exc:
-            api = find_api_error(exc) or ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
+            api = api_error_for(exc)
             rec.status, rec.error = api.status, api.message
             yield sse(api.to_json())
             yield SSE_DONE
@@ -372,32 +392,21 @@ class Ingress:
         return JSONResponse(models_response(self.model_name, adapters, self.created))
 
     # -- adapters (admin) -------------------------------------------------------------------
-    @staticmethod
-    async def _call(ref) -> Any:
-        """Await a store/trainer call, turning the errors inside Ray's wrappers into ApiErrors."""
+    async def _call(self, ref, timeout_s: float | None = None) -> Any:
+        """Await a store/trainer call within a deadline, turning the errors inside Ray's wrappers into ApiErrors."""
+        timeout_s = timeout_s or self.config.limits.admin_timeout_s
         try:
-            return await ref
+            return await asyncio.wait_for(ref, timeout_s)
         except ApiError:
             raise
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the adapter store or trainer did not answer within {timeout_s:g} s; the operation "
+                                "may still complete: check GET /v1/adapters before retrying", code="timeout") from None
         except Exception as exc:
-            api = find_api_error(exc)
-            if api is None:
-                log.exception("admin call failed")
-                raise ApiError(500, f"internal error: {type(exc).__name__}", type="server_error") from None
+            api = api_error_for(exc)
+            if api.status >= 500:
+                log.error("admin call failed: %r", exc)
             raise api from None
-
-    def _allowed_path(self, path: Any) -> str:
-        import os
-
-        if not isinstance(path, str) or not path:
-            raise ApiError(400, "path must be a non-empty string naming a PEFT adapter folder", param="path")
-        real = os.path.realpath(path)
-        for d in self.config.adapter_load_dirs:
-            root = os.path.realpath(d)
-            if real == root or real.startswith(root + os.sep):
-                return real
-        raise ApiError(400, f"path {path!r} is outside the directories adapters may be loaded from "
-                            f"(adapter_load_dirs: {self.config.adapter_load_dirs})", param="path")
 
     @staticmethod
     def _version_headers(info: dict) -> dict:
@@ -419,7 +428,12 @@ class Ingress:
     async def _load(self, name: Any, path: Any) -> dict:
         if not isinstance(name, str):
             raise ApiError(400, "name must be a string", param="name")
-        return await self._call(self.store.load_folder.remote(name, self._allowed_path(path)))
+        if not isinstance(path, str) or not path:
+            raise ApiError(400, "path must be a non-empty string naming a PEFT adapter folder", param="path")
+        limits.check_adapter_name(name, self.model_name)
+        # The store checks the allow-list where it reads the files (no symlinks, size-capped).
+        return await self._call(self.store.load_folder.remote(name, path, list(self.config.adapter_load_dirs),
+                                                              self.config.limits.max_adapter_file_bytes))
 
     @app.post("/v1/adapters")
     async def load_adapter(self, request: Request):
@@ -437,7 +451,10 @@ class Ingress:
     @app.post("/v1/adapters/{name}/rollback")
     async def rollback_adapter(self, name: str, request: Request):
         self._auth_admin(request)
-        body = await self._json(request) if (await request.body()) else {}
+        raw = await limits.read_body(request, self.config.limits.max_body_bytes)
+        body = limits.parse_json(raw, self.config.limits.max_json_depth) if raw else {}
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
         version = body.get("version")
         if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
             raise ApiError(400, "version must be a positive integer", param="version")
@@ -448,11 +465,14 @@ class Ingress:
     async def learn(self, name: str, request: Request):
         self._auth_admin(request)
         body = await self._json(request)
-        run_async = bool(body.pop("async", False))
+        run_async = body.pop("async", False)
+        if not isinstance(run_async, bool):
+            raise ApiError(400, f"async must be true or false, got {run_async!r}", param="async")
+        limits.check_adapter_name(name, self.model_name)
         if run_async:
             job = await self._call(self.trainer.submit.remote(name, body))
             return JSONResponse(job, status_code=202)
-        job = await self._call(self.trainer.learn.remote(name, body))
+        job = await self._call(self.trainer.learn.remote(name, body), self.config.limits.learn_timeout_s)
         return JSONResponse(job["result"], headers=self._version_headers(job["result"]))
 
     @app.get("/v1/adapters/{name}/jobs/{job_id}")
@@ -481,17 +501,24 @@ class Ingress:
 
     @app.get("/health")
     async def health(self):
-        status = {}
-        for name, handle in (("preprocessor", self.preprocessor), ("vision_encoder", self.vision),
-                             ("decoder", self.decoder), ("trainer", self.trainer), ("adapter_store", self.store)):
-            try:  # a replica that hangs counts as unavailable rather than hanging the probe
-                ready = await asyncio.wait_for(handle.ready.remote(), HEALTH_TIMEOUT_S)
-                status[name] = "ready" if ready else "not ready"
-            except Exception as exc:  # noqa: BLE001 - reported, not raised
-                status[name] = f"unavailable: {type(exc).__name__}"
-        ok = all(v == "ready" for v in status.values())
-        return JSONResponse({"status": "ok" if ok else "degraded", "model": self.model_name, "deployments": status},
-                            status_code=200 if ok else 503)
+        """Every deployment answers a probe, and Serve runs all their replicas (a failed one is counted)."""
+        handles = {"preprocessor": self.preprocessor, "vision_encoder": self.vision, "decoder": self.decoder,
+                   "trainer": self.trainer, "adapter_store": self.store}
+        c = self.config
+        targets = {"preprocessor": ("Preprocessor", c.preprocessor.num_replicas),
+                   "vision_encoder": ("VisionEncoder", c.vision_encoder.num_replicas),
+                   "decoder": ("Decoder", c.decoder.num_replicas), "trainer": ("Trainer", 1),
+                   "ingress": ("Ingress", c.ingress.num_replicas)}
+        report = await health_report(self._app_name(), handles, targets)
+        return JSONResponse({"status": report["status"], "model": self.model_name, **report},
+                            status_code=200 if report["status"] == "ok" else 503)
+
+    @staticmethod
+    def _app_name() -> str:
+        try:
+            return serve.get_replica_context().app_name
+        except Exception:  # noqa: BLE001 - constructed outside Serve
+            return "vlora"
 
     @app.get("/")
     async def root(self):

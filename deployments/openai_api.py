@@ -157,6 +157,24 @@ _UNSUPPORTED_UNLESS: dict[str, Callable[[Any], bool]] = {
     "logit_bias": lambda v: v is None or v == {},
     "audio": lambda v: v is None,
     "modalities": lambda v: v is None or v == ["text"],
+    # vLLM extras this server does not implement: a 400 naming the field, never a silent no-op
+    **{name: (lambda v: v is None) for name in (
+        "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern",
+        "guided_decoding_backend", "structured_outputs", "prompt_logprobs", "truncate_prompt_tokens",
+        "allowed_token_ids", "chat_template", "documents", "mm_processor_kwargs", "logits_processors")},
+    "repetition_penalty": lambda v: v is None or v == 1,
+    "length_penalty": lambda v: v is None or v == 1,
+    "use_beam_search": lambda v: v in (None, False),
+    "min_tokens": lambda v: v in (None, 0),
+    "bad_words": lambda v: v is None or v == [],
+    "continue_final_message": lambda v: v in (None, False),
+    "add_generation_prompt": lambda v: v in (None, True),
+    "chat_template_kwargs": lambda v: v is None or v == {},
+}
+# Chat-only ones (legacy completions validate its own echo / best_of).
+_CHAT_UNSUPPORTED_UNLESS: dict[str, Callable[[Any], bool]] = {
+    "echo": lambda v: v in (None, False),
+    "best_of": lambda v: v in (None, 1),
 }
 
 
@@ -356,6 +374,15 @@ class ChatCompletionRequest(_SamplingRequest):
     @classmethod
     def _check_messages(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return check_messages(messages, "messages")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_chat_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for name, ok in _CHAT_UNSUPPORTED_UNLESS.items():
+                if name in data and not ok(data[name]):
+                    raise _invalid(name, f"{name} is not supported by this server")
+        return data
 
     @model_validator(mode="after")
     def _check_logprobs(self):

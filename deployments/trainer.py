@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -19,18 +20,25 @@ import torch
 from adapters.registry import validate_adapter_name
 from adapters.trainer import LoRATrainer, TrainingDataError, TrainingDivergedError
 from deployments.config import AppConfig
+from deployments.image_fetch import image_load_policy
 from deployments.metrics import TrainerMetrics
 from deployments.openai_api import ApiError
 from deployments.placement import resolve_device_dtype
 from engine.config import LORA_TARGET_MODULES
-from engine.images import ImageLoadPolicy
 
-MAX_STEPS = 10_000
-MAX_EXAMPLES = 10_000
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(slots=True)
 class LearnParams:
+    """The learn body; types are strict (a bool is not a number, a string is not a bool)."""
+
     examples: list[dict]
     steps: int = 20
     learning_rate: float = 1e-3
@@ -39,23 +47,30 @@ class LearnParams:
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
     use_rslora: bool = False
 
-    def check(self, max_rank: int) -> None:
+    def check(self, max_rank: int, max_examples: int, max_steps: int) -> None:
         if not isinstance(self.examples, list) or not self.examples:
             raise ApiError(400, "examples must be a non-empty list of {\"messages\": [...]} objects",
                            param="examples")
-        if len(self.examples) > MAX_EXAMPLES:
-            raise ApiError(400, f"at most {MAX_EXAMPLES} examples per learn call", param="examples")
-        if not isinstance(self.steps, int) or not 0 <= self.steps <= MAX_STEPS:
-            raise ApiError(400, f"steps must be an integer in [0, {MAX_STEPS}]", param="steps")
-        if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
-            raise ApiError(400, "learning_rate must be a positive number", param="learning_rate")
-        if not isinstance(self.rank, int) or not 1 <= self.rank <= max_rank:
-            raise ApiError(400, f"rank must be an integer in [1, {max_rank}] (the server's max_lora_rank)",
-                           param="rank")
-        bad = [m for m in self.target_modules if m not in LORA_TARGET_MODULES]
-        if bad or not self.target_modules:
-            raise ApiError(400, f"target_modules must be a non-empty subset of {list(LORA_TARGET_MODULES)}",
-                           param="target_modules")
+        if len(self.examples) > max_examples:
+            raise ApiError(400, f"at most {max_examples} examples per learn call, got {len(self.examples)}",
+                           param="examples")
+        if not _is_int(self.steps) or not 0 <= self.steps <= max_steps:
+            raise ApiError(400, f"steps must be an integer in [0, {max_steps}], got {self.steps!r}", param="steps")
+        if not _is_number(self.learning_rate) or not self.learning_rate > 0:
+            raise ApiError(400, f"learning_rate must be a positive number, got {self.learning_rate!r}",
+                           param="learning_rate")
+        if not _is_int(self.rank) or not 1 <= self.rank <= max_rank:
+            raise ApiError(400, f"rank must be an integer in [1, {max_rank}] (the server's max_lora_rank), got "
+                                f"{self.rank!r}", param="rank")
+        if not _is_number(self.lora_alpha) or not self.lora_alpha > 0:
+            raise ApiError(400, f"lora_alpha must be a positive number, got {self.lora_alpha!r}", param="lora_alpha")
+        if not isinstance(self.use_rslora, bool):
+            raise ApiError(400, f"use_rslora must be true or false, got {self.use_rslora!r}", param="use_rslora")
+        modules = self.target_modules
+        if (not isinstance(modules, list) or not modules or not all(isinstance(m, str) for m in modules)
+                or any(m not in LORA_TARGET_MODULES for m in modules)):
+            raise ApiError(400, f"target_modules must be a non-empty list from {list(LORA_TARGET_MODULES)}, got "
+                                f"{modules!r}"[:300], param="target_modules")
 
 
 @dataclass(slots=True)
@@ -77,12 +92,12 @@ class Job:
 class Trainer:
     def __init__(self, config: AppConfig, store):
         device, dtype = resolve_device_dtype(config)
-        im = config.images
-        policy = ImageLoadPolicy(max_bytes=im.max_image_bytes, max_image_pixels=im.max_image_pixels,
-                                 allow_http=im.allow_http, http_timeout_s=im.http_timeout_s,
-                                 allowed_local_dirs=tuple(im.allowed_local_dirs))
+        # Learn examples' image URLs take the Preprocessor's path: same fetcher, same address checks.
         # Training needs float32 master weights on CPU; on GPU bf16 activations are fine for LoRA.
-        self.trainer = LoRATrainer(config.model_dir, device=device, dtype=getattr(torch, dtype), image_policy=policy)
+        self.trainer = LoRATrainer(config.model_dir, device=device, dtype=getattr(torch, dtype),
+                                   image_policy=image_load_policy(config.images))
+        self.trainer.max_total_tokens = config.limits.max_learn_tokens
+        self.limits = config.limits
         self.store = store
         self.max_rank = config.engine.max_lora_rank
         self.jobs: dict[str, Job] = {}
@@ -131,7 +146,7 @@ class Trainer:
             p = LearnParams(**params)
         except TypeError as e:
             raise ApiError(400, f"invalid learn request: {e}") from None
-        p.check(self.max_rank)
+        p.check(self.max_rank, self.limits.max_learn_examples, self.limits.max_learn_steps)
         job = Job(id=f"job-{next(self._ids)}", adapter=name, steps=p.steps)
         self.jobs[job.id] = job
         self._count_in_progress()
@@ -156,11 +171,11 @@ class Trainer:
 
     async def _train_and_publish(self, job: Job, p: LearnParams) -> dict:
         init, parent, alpha, rslora = None, None, p.lora_alpha, p.use_rslora
-        current = await self.store.list.remote()
+        current = await self._store(self.store.list.remote())
         if job.adapter in current:
             parent = current[job.adapter]["version"]
-            ref = (await self.store.get_weights.remote(job.adapter, parent))[0]
-            init = await ref
+            ref = (await self._store(self.store.get_weights.remote(job.adapter, parent)))[0]
+            init = await self._store(ref)
             alpha, rslora = current[job.adapter]["lora_alpha"], current[job.adapter]["use_rslora"]
 
         def progress(step: int, loss: float) -> None:
@@ -180,11 +195,19 @@ class Trainer:
         metrics = {"loss_before": res.loss_before, "loss_after": res.loss_after, "steps": res.steps,
                    "num_examples": res.num_examples, "seconds": res.seconds}
         t0 = time.perf_counter()
-        info = await self.store.publish.remote(job.adapter, res.weights, res.lora_alpha, res.use_rslora, "learned",
-                                               parent, metrics)
+        info = await self._store(self.store.publish.remote(job.adapter, res.weights, res.lora_alpha, res.use_rslora,
+                                                           "learned", parent, metrics))
         self.metrics.publish.observe(time.perf_counter() - t0, {"model_name": job.adapter})
         return {"adapter": job.adapter, "version": info["version"], "parent_version": parent, **metrics,
                 "replicas_synced": info["replicas_synced"]}
+
+    async def _store(self, ref):
+        """A store call within admin_timeout_s (a 504 on the job instead of a hang)."""
+        try:
+            return await asyncio.wait_for(ref, self.limits.admin_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the adapter store did not answer within {self.limits.admin_timeout_s:g} s",
+                           code="timeout") from None
 
     async def job(self, name: str, job_id: str) -> dict:
         job = self.jobs.get(job_id)

@@ -41,6 +41,14 @@ class RequestError(ValueError):
     """A request the engine cannot serve as given (too long, bad ids, image mismatch): a client error."""
 
 
+class ContextLengthError(RequestError):
+    """Prompt + completion exceed the model's context (OpenAI's `context_length_exceeded`)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed: its requests fail with this, and the replica reports itself unhealthy."""
+
+
 @dataclass(slots=True)
 class _SeqState:
     row: RowState
@@ -168,7 +176,7 @@ class LLMEngine:
             raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         total = len(ids) + sampling.max_tokens
         if total > self.max_model_len:
-            raise RequestError(
+            raise ContextLengthError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but you requested {total} "
                 f"tokens ({len(ids)} in the prompt, {sampling.max_tokens} for the completion); "
                 "shorten the prompt or lower max_tokens")
@@ -331,6 +339,8 @@ class AsyncEngine:
 
     All engine calls happen on the engine thread (between steps), so adapter swaps and aborts
     never race a forward pass. A client that stops iterating (disconnect) aborts its request.
+    Any exception on the engine thread ends it: every request fails with EngineDeadError and
+    `healthy` turns False, so the hosting replica can be replaced rather than hang.
     """
 
     def __init__(self, engine: LLMEngine):
@@ -338,17 +348,31 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
+        self._fault: BaseException | None = None
+        self.error: BaseException | None = None  # what ended the engine thread, if anything did
         self._thread = threading.Thread(target=self._loop, name="vlora-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive()
 
     def call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
         """Run `fn(engine)` on the engine thread between steps."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((fn, fut))
+        if self.error is not None:  # the thread is gone (or going): nobody else will answer it
+            self._fail_commands()
         return fut
 
     async def run(self, fn: Callable[[LLMEngine], Any]) -> Any:
         return await asyncio.wrap_future(self.call(fn))
+
+    def inject_fault(self, exc: BaseException) -> None:
+        """Make the engine thread raise `exc` before its next step (fault drills and tests)."""
+        def arm(_: LLMEngine) -> None:
+            self._fault = exc
+        self.call(arm)
 
     async def generate(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
                        image_embeds: torch.Tensor | None = None, request_id: str | None = None,
@@ -359,6 +383,8 @@ class AsyncEngine:
         self._streams[rid] = (asyncio.get_running_loop(), q)
         finished = False
         try:
+            if self.error is not None:
+                raise self._dead()
             await self.run(lambda e: e.add_request(prompt, sampling, adapter, image_embeds, rid, **optimal))
             while not finished:
                 out = await q.get()
@@ -368,13 +394,17 @@ class AsyncEngine:
                 yield out
         finally:
             self._streams.pop(rid, None)
-            if not finished:
+            if not finished and self.error is None:
                 self.call(lambda e: e.abort(rid))
 
     def shutdown(self) -> None:
         self._stopped = True
         self._commands.put((None, None))
         self._thread.join(timeout=10)
+
+    def _dead(self) -> EngineDeadError:
+        return EngineDeadError(f"the engine failed ({type(self.error).__name__}: {self.error}); "
+                               "this replica is being replaced, retry the request")
 
     def _run_commands(self, block: bool) -> None:
         while True:
@@ -385,29 +415,49 @@ class AsyncEngine:
             block = False
             if fn is None:
                 return
+            # NOTE: asyncio cancels the wrapped future when its caller goes away; a cancelled
+            # command is skipped, and a running one can no longer be cancelled, so set_* is safe.
+            if not fut.set_running_or_notify_cancel():
+                continue
             try:
-                fut.set_result(fn(self.engine))
+                result = fn(self.engine)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+    def _fail_commands(self) -> None:
+        while True:
+            try:
+                _, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if fut is not None and fut.set_running_or_notify_cancel():
+                fut.set_exception(self._dead())
 
     def _deliver(self, rid: str, item: Any) -> None:
         stream = self._streams.get(rid)
         if stream is not None:
             loop, q = stream
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # that caller's event loop is closed: nobody is listening
+                pass
 
     def _loop(self) -> None:
-        while not self._stopped:
-            self._run_commands(block=not self.engine.has_unfinished())
-            if not self.engine.has_unfinished():
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # a bug must not wedge every client: fail the running requests
-                log.exception("engine step failed; aborting running requests")
-                for rid in list(self.engine.requests):
-                    self.engine.abort(rid)
-                    self._deliver(rid, RuntimeError(f"engine step failed: {exc}"))
-                continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+        try:
+            while not self._stopped:
+                self._run_commands(block=not self.engine.has_unfinished())
+                if self._fault is not None:
+                    fault, self._fault = self._fault, None
+                    raise fault
+                if not self.engine.has_unfinished():
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as exc:  # noqa: BLE001 - the engine's state is unknown now: stop serving
+            log.exception("the engine thread failed; failing its requests, the replica reports unhealthy")
+            self.error = exc
+            for rid in list(self._streams):
+                self._deliver(rid, self._dead())
+            self._fail_commands()

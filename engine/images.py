@@ -25,9 +25,8 @@ import math
 import os
 import re
 import stat
-import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,13 +78,15 @@ class ImageLoadPolicy:
     """What `load_image` may do on behalf of a client. Defaults suit a public endpoint."""
 
     max_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 64 * 1024 * 1024  # checked from the header, before decoding pixels
+    max_image_pixels: int = 16 * 1024 * 1024  # checked from the header, before decoding pixels
     allow_http: bool = True
     http_timeout_s: float = 10.0  # per network operation and for the whole download
     # Local files are refused unless they resolve (realpath) inside one of these directories.
     allowed_local_dirs: tuple[str, ...] = ()
     # Pillow plugins we trust with client bytes (EPS, for one, would run Ghostscript).
     allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+    # url -> bytes for http(s) sources (deployments/image_fetch.py); None refuses them.
+    fetch: Callable[[str], bytes] | None = None
 
     def __post_init__(self):
         if self.max_bytes <= 0 or self.max_image_pixels <= 0 or self.http_timeout_s <= 0:
@@ -137,6 +138,12 @@ def read_image_bytes(source: str, policy: ImageLoadPolicy = DEFAULT_LOAD_POLICY)
 
 def decode_image(data: bytes, policy: ImageLoadPolicy = DEFAULT_LOAD_POLICY) -> Image.Image:
     """Decode encoded image bytes; header checks (size, pixels, aspect) run before any pixel is decoded."""
+    return finish_decode(open_image(data, policy))
+
+
+def open_image(data: bytes, policy: ImageLoadPolicy = DEFAULT_LOAD_POLICY) -> Image.Image:
+    """Read only the header of encoded image bytes and check it (bytes, pixels, aspect); `img.size`
+    is then known without decoding a pixel. `finish_decode` does the rest."""
     if not data:
         raise ImageDecodeError("image data is empty (0 bytes); send a complete PNG, JPEG or WebP file")
     if len(data) > policy.max_bytes:
@@ -163,7 +170,11 @@ def decode_image(data: bytes, policy: ImageLoadPolicy = DEFAULT_LOAD_POLICY) -> 
             f"{policy.max_image_pixels}; send a smaller image"
         )
     check_aspect_ratio(height, width)  # also refuses zero-sized images
+    return img
 
+
+def finish_decode(img: Image.Image) -> Image.Image:
+    """Decode the pixels of an `open_image` result and apply its EXIF orientation."""
     try:
         # NOTE: a full decode, with ImageFile.LOAD_TRUNCATED_IMAGES left False, is what makes
         # truncated files fail here instead of reaching the model as half-grey images.
@@ -267,42 +278,16 @@ def _read_local_file(path: str, policy: ImageLoadPolicy) -> bytes:
 
 
 def _read_http(url: str, policy: ImageLoadPolicy) -> bytes:
-    import httpx  # imported here: only URL sources pay for it
-
-    shown = url if len(url) <= 200 else url[:200] + "..."
-    if not policy.allow_http:
+    """http(s) URLs go to the caller's fetcher (network I/O and address checks live beside the
+    Preprocessor, not in the engine); without one they are refused."""
+    if not policy.allow_http or policy.fetch is None:
         raise ImageSourceError(
             "fetching images over http(s) is disabled on this server; send the image as a data:image/...;base64 URL"
         )
-    # httpx's timeout bounds each network operation; the deadline bounds a slow-drip body too.
-    deadline = time.monotonic() + policy.http_timeout_s
-    try:
-        with httpx.stream("GET", url, timeout=policy.http_timeout_s, follow_redirects=True) as response:
-            if response.status_code >= 400:
-                raise ImageSourceError(
-                    f"fetching image {shown} failed with HTTP {response.status_code}; "
-                    "check that the URL is public and correct"
-                )
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > policy.max_bytes:
-                raise _too_many_bytes(int(declared), policy)
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > policy.max_bytes:
-                    raise ImageTooLargeError(
-                        f"image at {shown} is more than {policy.max_bytes} bytes; "
-                        "send a smaller or more compressed image"
-                    )
-                if time.monotonic() > deadline:
-                    raise httpx.ReadTimeout("download deadline passed")
-    except httpx.TimeoutException as e:
-        raise ImageSourceError(
-            f"fetching image {shown} timed out after {policy.http_timeout_s:g} s; use a faster host or send a data URL"
-        ) from e
-    except httpx.HTTPError as e:
-        raise ImageSourceError(f"fetching image {shown} failed ({e}); check the URL or send a data URL") from e
-    return bytes(body)
+    data = policy.fetch(url)
+    if len(data) > policy.max_bytes:
+        raise _too_many_bytes(len(data), policy)
+    return data
 
 
 # ----------------------------------------------------------------------------- transform
@@ -466,6 +451,12 @@ class ImageTransform:
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) an image of this size is resized to."""
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    def grid_thw(self, height: int, width: int) -> tuple[int, int, int]:
+        """The patch grid an image of this size gets, without touching its pixels (EXIF rotation
+        swaps h and w, which leaves the number of prompt tokens unchanged)."""
+        resized_h, resized_w = self.resized_size(height, width)
+        return 1, resized_h // self.patch_size, resized_w // self.patch_size
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Prompt placeholders for an image of this size, without touching its pixels."""

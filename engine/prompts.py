@@ -167,6 +167,12 @@ class PromptBuilder:
         self.config = config
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template; a Qwen2.5-VL checkpoint ships one")
+        # Control tokens (<|im_start|>, <|im_end|>, vision markers, ...): the tokenizer would turn them
+        # into real control tokens if they appeared in message text, so chat text may not contain them.
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self.special_tokens = tuple(sorted(
+            {t for t in getattr(tokenizer, "all_special_tokens", ()) if t}
+            | {tok.content for tok in added.values() if getattr(tok, "special", False) and tok.content}))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> "PromptBuilder":
@@ -188,6 +194,7 @@ class PromptBuilder:
         `image_grids[i]` is the (t, h, w) patch grid of the i-th image part, in message order.
         """
         normalized, num_images = _normalize_messages(messages)
+        self._reject_special_tokens(normalized)
         if num_images != len(image_grids):
             raise PromptError(
                 f"the messages have {num_images} image part(s) but {len(image_grids)} image grid(s) were given"
@@ -232,6 +239,21 @@ class PromptBuilder:
             raise PromptError("prompt is empty; give at least one token of text")
         positions, rope_delta = mrope_positions(token_ids, [], self.config)
         return PreparedPrompt(token_ids=list(token_ids), positions=positions, rope_delta=rope_delta)
+
+    def _reject_special_tokens(self, normalized: list[dict]) -> None:
+        """Message text is text: a special token in it is refused (400 naming the message)."""
+        for i, message in enumerate(normalized):
+            content = message["content"]
+            texts = ([(f"messages[{i}].content", content)] if isinstance(content, str) else
+                     [(f"messages[{i}].content[{j}].text", p["text"]) for j, p in enumerate(content)
+                      if p["type"] == "text"])
+            for where, text in texts:
+                if "<|" not in text and not any(t in text for t in self.special_tokens if not t.startswith("<|")):
+                    continue
+                for token in self.special_tokens:
+                    if token in text:
+                        raise PromptError(f"{where} contains the special token {token}, which only the chat "
+                                          "template may place; remove it from the message text")
 
     @staticmethod
     def image_urls(messages: list[dict]) -> list[str]:

@@ -1,7 +1,8 @@
 """One Ray + Serve instance for the whole test session, with the app deployed on the tiny model.
 
-Two applications share it: `vlora` (2 Decoder replicas, API keys on) for the behaviour tests,
-and `overload` (1 tiny Decoder with a queue of one) for the 503 test.
+Two applications share it: `vlora` (2 Decoder replicas, API and admin keys on) for the behaviour
+tests, and `overload` (1 tiny Decoder with a queue of one, no admin keys) for the 503, closed-admin
+and engine-fault tests.
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ def serve_instance(tiny_model_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     uploads = tmp_path_factory.mktemp("uploads")  # the only place POST /v1/adapters may load from
     serve.run(build_app(base_config(tiny_model_dir, store, uploads)), name="vlora", route_prefix="/")
+    # overload: also the app without admin keys (admin routes closed), with one adapter slot, and
+    # whose Decoder test_security.py kills (Serve's 1 s health check replaces it).
     overload = base_config(tiny_model_dir, tmp_path_factory.mktemp("store2"),
-                           engine={"max_num_seqs": 1, "max_waiting_requests": 1},
-                           decoder={"num_replicas": 1, "num_cpus": 0.1})
+                           engine={"max_num_seqs": 1, "max_waiting_requests": 1, "max_loras": 1},
+                           decoder={"num_replicas": 1, "num_cpus": 0.1, "health_check_period_s": 1},
+                           admin_keys_env="VLORA_OVERLOAD_ADMIN_KEYS")
     serve.run(build_app(overload), name="overload", route_prefix="/overload")
     yield {"url": f"http://127.0.0.1:{port}", "store": store, "uploads": uploads,
            "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics"}

@@ -261,7 +261,7 @@ def test_admin_errors(base_url, serve_instance, hf_model, colours):
     cases.append((r, 400, "rank must be an integer in [1, 16]"))
     r = httpx.post(f"{base_url}/v1/adapters/colours/learn", json={"examples": COLOUR_EXAMPLES},
                    headers={"Authorization": f"Bearer {API_KEY}"})
-    cases.append((r, 401, "admin key"))
+    cases.append((r, 403, "cannot use admin routes"))
     r = httpx.post(f"{base_url}/v1/adapters", json={"name": "x", "path": "/etc"}, headers=h)
     cases.append((r, 400, "outside the directories"))
     big = random_peft_adapter(hf_model, serve_instance["uploads"] / "too-big", seed=1, r=32, alpha=32)
