@@ -63,11 +63,16 @@ class KVBlockPool:
 
 
 class KVCache:
-    """Per-layer key/value tensors `[num_blocks, block_size, kv_heads, head_dim]`, allocated once."""
+    """Per-layer key/value tensors `[num_blocks + 1, block_size, kv_heads, head_dim]`, allocated once.
+
+    The extra block (`scratch_block`, never handed out by the pool) is where the padding rows of
+    a static decode batch write and read, so they never touch a sequence's blocks.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: str | torch.device):
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
