@@ -92,9 +92,8 @@ class AdapterSlots:
         for (layer, group) in ins:
             offs, off = [], 0
             for m in LORA_GROUPS[group]:
+                # a module that is not a target has no LoRA; the model needs its columns (out_sizes)
                 size = (out_sizes or {}).get(m) or module_shapes.get((layer, m), (0, 0))[1]
-                if not size:
-                    raise ValueError(f"the output size of {m} is needed for the merged {group} projection")
                 offs.append((off, size))
                 off += size
             self.layout[(layer, group)] = offs
