@@ -37,7 +37,7 @@ class PrefillChunk:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache index (block * block_size + offset) of each new token
     decode_rows: torch.Tensor | None  # [Bd] packed rows of the decode tokens; None: every row is a decode row
-    decode_kv_index: torch.Tensor | None  # [Bd, K] flat cache index of each context position (padding: any valid slot)
+    decode_kv_index: torch.Tensor | None  # [Bd*K] flat cache index of each row's context positions (padding: any valid slot)
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, K] bool: position < the row's sequence length
     prefills: list[PrefillChunk]
 
@@ -78,11 +78,11 @@ class AttentionMetadata:
 
 
 def decode_index(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kv_index [B, nb*bs], mask [B, 1, 1, nb*bs]) from a block table [B, nb] and lengths [B], with
+    """(kv_index [B*nb*bs] flat, mask [B, 1, 1, nb*bs]) from a block table [B, nb] and lengths [B], with
     device ops only (no host read), so a CUDA graph can capture it."""
     B, nb = block_table.shape
     offs = torch.arange(block_size, device=block_table.device)
-    kv_index = (block_table.unsqueeze(-1) * block_size + offs).view(B, nb * block_size)
+    kv_index = (block_table.unsqueeze(-1) * block_size + offs).view(-1)
     pos = torch.arange(nb * block_size, device=block_table.device)
     mask = (pos.unsqueeze(0) < seq_lens.unsqueeze(1)).view(B, 1, 1, nb * block_size)
     return kv_index, mask
@@ -90,14 +90,14 @@ def decode_index(block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: 
 
 def decode_attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, kv_index: torch.Tensor,
                      mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, H, D] against the gathered contexts; GQA folded into the query length. Returns [B, H, D]."""
+    """q [B, H, D] against the gathered contexts; GQA folded into the query length. Returns [B, H*D]."""
     B, H, D = q.shape
     kvh = kc.shape[1]
-    K = kv_index.shape[1]
-    k = kc.index_select(0, kv_index.view(-1)).view(B, K, kvh, D).transpose(1, 2)  # [B, KVH, K, D]
-    v = vc.index_select(0, kv_index.view(-1)).view(B, K, kvh, D).transpose(1, 2)
+    K = mask.shape[-1]
+    k = kc.index_select(0, kv_index).view(B, K, kvh, D).transpose(1, 2)  # [B, KVH, K, D]
+    v = vc.index_select(0, kv_index).view(B, K, kvh, D).transpose(1, 2)
     out = F.scaled_dot_product_attention(q.view(B, kvh, H // kvh, D), k, v, attn_mask=mask, scale=scale)
-    return out.view(B, H, D)
+    return out.view(B, H * D)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
@@ -118,20 +118,21 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kc: tor
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KVH, D] (already rotated); writes k/v to the cache, returns [T, H*D]."""
+    """q [T, H, D], k/v [T, KVH, D] (already rotated); writes k/v to the cache (`[blocks, block_size, KVH, D]`
+    or its flat `[slots, KVH, D]` view), returns [T, H*D]."""
     T, H, D = q.shape
     kvh = k.shape[1]
-    kc = k_cache.view(-1, kvh, D)
-    vc = v_cache.view(-1, kvh, D)
+    kc = k_cache if k_cache.dim() == 3 else k_cache.view(-1, kvh, D)  # [slots, KVH, D]
+    vc = v_cache if v_cache.dim() == 3 else v_cache.view(-1, kvh, D)
     kc.index_copy_(0, meta.slot_mapping, k)
     vc.index_copy_(0, meta.slot_mapping, v)
     if not meta.prefills:  # decode only: every row is a decode row
-        return decode_attention(q, kc, vc, meta.decode_kv_index, meta.decode_mask, scale).reshape(T, H * D)
+        return decode_attention(q, kc, vc, meta.decode_kv_index, meta.decode_mask, scale)
     out = q.new_empty(T, H, D)
     if meta.decode_kv_index is not None:
         rows = meta.decode_rows
         od = decode_attention(q.index_select(0, rows), kc, vc, meta.decode_kv_index, meta.decode_mask, scale)
-        out.index_copy_(0, rows, od)
+        out.view(T, H * D).index_copy_(0, rows, od)
     for c in meta.prefills:
         sl = slice(c.start, c.start + c.n)
         out[sl] = prefill_attention(q[sl], k[sl], v[sl], kc, vc, c, scale)

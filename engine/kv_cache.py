@@ -75,6 +75,9 @@ class KVCache:
         shape = (num_blocks + 1, block_size, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # the same storage as [slots, kv_heads, head_dim], indexed by block * block_size + offset
+        self.k_flat = [t.view(-1, kv_heads, head_dim) for t in self.k]
+        self.v_flat = [t.view(-1, kv_heads, head_dim) for t in self.v]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

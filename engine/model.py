@@ -130,9 +130,8 @@ class MRoPE(nn.Module):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; HF's rotate-half RoPE with the sign folded into `sin`."""
-    T, n, D = x.shape
-    return torch.addcmul(x * cos, x.view(T, n, 2, D // 2).flip(2).view(T, n, D), sin)
+    """x [T, heads, D]; HF's rotate-half RoPE with the sign folded into `sin` (rolling by D/2 swaps the halves)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class DecoderLayer(nn.Module):
@@ -164,17 +163,15 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         T = x.shape[0]
         h = rms_norm(x, self.input_layernorm, cfg.rms_norm_eps)
-        qkv = self._proj("qkv", h, slots, lora)
-        qk = rotate(qkv[:, :self.q_size + self.kv_size].view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim),
-                    cos, sin)
-        q, k = qk[:, :cfg.num_heads], qk[:, cfg.num_heads:]
-        v = qkv[:, self.q_size + self.kv_size:].view(T, cfg.num_kv_heads, cfg.head_dim)
+        qk, v = self._proj("qkv", h, slots, lora).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = rotate(qk.view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
+        v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, cfg.head_dim ** -0.5)
         x = x + self._proj("o", attn, slots, lora)
         h = rms_norm(x, self.post_attention_layernorm, cfg.rms_norm_eps)
-        gu = self._proj("gate_up", h, slots, lora)
-        inter = cfg.intermediate_size
-        return x + self._proj("down", F.silu(gu[:, :inter]) * gu[:, inter:], slots, lora)
+        gate, up = self._proj("gate_up", h, slots, lora).chunk(2, dim=-1)
+        return x + self._proj("down", F.silu(gate) * up, slots, lora)
 
 
 class QwenTextModel(nn.Module):

@@ -177,7 +177,7 @@ class ModelRunner:
         kv_index, mask = decode_index(table, buf.seq_lens[:B], self.block_size)
         meta = AttentionMetadata(buf.slot_mapping[:B], None, kv_index, mask, [])
         lora = LoRABatch.for_slots(buf.lora_slots[:B]) if use_lora else None
-        return self.model(buf.ids[:B], buf.positions[:, :B], meta, self.kv.k, self.kv.v, slots=self.slots, lora=lora)
+        return self.model(buf.ids[:B], buf.positions[:, :B], meta, self.kv.k_flat, self.kv.v_flat, slots=self.slots, lora=lora)
 
     def _graph(self, B: int, nbk: int, use_lora: bool):
         key = (B, nbk, use_lora)
@@ -228,7 +228,7 @@ class ModelRunner:
         logits = self.model(
             torch.tensor(ids, dtype=torch.long).to(dev),
             torch.cat(pos, dim=1).to(dev),
-            meta, self.kv.k, self.kv.v,
+            meta, self.kv.k_flat, self.kv.v_flat,
             image_rows=torch.cat(img_rows).to(dev) if img_rows else None,
             image_embeds=torch.cat(img_embeds).to(dev) if img_embeds else None,
             slots=self.slots, lora=lora,

@@ -289,6 +289,18 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
+_WORKSPACE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _workspace(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [rows, vocab] scratch tensor kept between steps (grows to the largest batch seen)."""
+    key = (str(device), dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < rows * vocab:
+        buf = _WORKSPACE[key] = torch.empty(rows * vocab, dtype=dtype, device=device)
+    return buf[:rows * vocab].view(rows, vocab)
+
+
 class Sampler:
     """Batched sampler: penalties -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw.
 
@@ -349,7 +361,8 @@ class Sampler:
                                    for r in rows], dtype=dt).to(dev)
             u = host_u if all(seeded) else torch.where(host_u >= 0, host_u,
                                                        torch.rand(B, device=dev, dtype=dt).mul_(_U_MAX))
-        cdf = (logits - logits.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
+        cdf = _workspace(B, V, dt, dev)  # reused: a fresh [B, V] allocation costs more than the math
+        torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=cdf).exp_().cumsum_(dim=-1)
         target = (u[:, None] * cdf[:, -1:]).contiguous()
         return torch.searchsorted(cdf, target, right=True).view(B).clamp_(max=V - 1)
 
