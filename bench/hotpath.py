@@ -170,7 +170,7 @@ def baseline(args) -> dict:
         cmd = [sys.executable, __file__, "--no-baseline", "--json", str(out), "--device", args.device,
                "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
         subprocess.run(cmd, check=True, env={**os.environ, "VLORA_ENGINE_ROOT": tmp})
-        return json.loads(out.read_text())
+        return json.loads(out.read_text())["this"]
 
 
 def main(argv=None) -> dict:

@@ -99,6 +99,7 @@ class LLMEngine:
         self.model.rope.ensure(self.max_model_len + 1)
         self.runner = ModelRunner(self.model, self.kv, self.slots, config.block_size, config.device,
                                   config.max_num_seqs, self.max_model_len, config.enforce_eager)
+        self.runner.capture()  # CUDA graphs for decode steps (no-op on a CPU or with enforce_eager)
         self.sampler = Sampler()
         self.optimal_sampler = OptimalSampler()
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(config.model_dir)
