@@ -201,7 +201,10 @@ class PenaltyCounts:
             self.counts = torch.cat([self.counts, torch.zeros_like(self.counts)])
             self._free = list(range(2 * n - 1, n - 1, -1))
         row.count_row = self._free.pop()
-        weakref.finalize(row, self._free.append, row.count_row)
+        weakref.finalize(row, self._release, row.count_row)
+
+    def _release(self, index: int) -> None:
+        self._free.append(index)
 
     def rows_for(self, rows: list[RowState]) -> torch.Tensor:
         """Bring the rows' counts up to date; return their buffer rows (a device index tensor)."""
