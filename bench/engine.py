@@ -309,6 +309,8 @@ def parse_args(argv=None):
     p.add_argument("--no-hf", action="store_true", help="skip the HF/PEFT baseline (ratios then missing)")
     p.add_argument("--no-peft", action="store_true", help="skip PEFT's mixed batch")
     p.add_argument("--quick", action="store_true", help="small sizes (a CPU run in well under 2 minutes)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs for decode steps (EngineConfig.enforce_eager); the static buffers are still used")
     p.add_argument("--json", help="also write the results as JSON here")
     a = p.parse_args(argv)
     q = a.quick
@@ -404,7 +406,8 @@ class Bench:
         blocks_per_seq = math.ceil((max(a.prompt_len, image_len) + a.gen_len) / block)
         self.cfg = EngineConfig(str(self.model_dir), device=dev, dtype=a.dtype,
                                 num_kv_blocks=int(max_b * blocks_per_seq * 1.1) + 8, max_num_seqs=max_b,
-                                max_loras=a.num_adapters, max_lora_rank=a.lora_rank)
+                                max_loras=a.num_adapters, max_lora_rank=a.lora_rank,
+                                **({"enforce_eager": True} if a.enforce_eager else {}))
         t = time.perf_counter()
         before = allocated(dev)
         self.engine = LLMEngine(self.cfg)
@@ -424,7 +427,7 @@ class Bench:
             peft=peft.__version__, python=platform.python_version(), dtype=a.dtype, model=self.model_label,
             text_layers=mc.num_layers, hidden=mc.hidden_size, vocab=mc.vocab_size, prompt_len=a.prompt_len,
             gen_len=a.gen_len, batches=a.batches, mixed_batch=a.mixed_batch, num_adapters=a.num_adapters,
-            lora_rank=a.lora_rank, repeats=a.repeats, ttft_runs=a.ttft_runs, quick=a.quick,
+            lora_rank=a.lora_rank, repeats=a.repeats, enforce_eager=a.enforce_eager, ttft_runs=a.ttft_runs, quick=a.quick,
             torch_threads=torch.get_num_threads(), kv_blocks=self.cfg.num_kv_blocks, block_size=self.cfg.block_size,
             max_num_seqs=self.cfg.max_num_seqs, max_num_batched_tokens=self.cfg.max_num_batched_tokens,
             setup_s=round(self.setup_s, 1), engine_load_s=round(self.engine_load_s, 1))

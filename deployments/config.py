@@ -34,6 +34,8 @@ class EngineLimits(_Strict):
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank served; smaller ranks are padded")
     max_waiting_requests: int = Field(
         256, ge=0, description="requests queued inside a Decoder replica before new ones get 503")
+    enforce_eager: bool = Field(
+        False, description="never capture CUDA graphs for decode steps (GPU only; for debugging or profiling)")
 
 
 class ImageLimits(_Strict):

@@ -21,6 +21,7 @@ class EngineConfig:
     max_loras: int = 8  # adapter slots resident in the engine
     max_lora_rank: int = 16
     lora_target_modules: tuple[str, ...] = field(default=LORA_TARGET_MODULES)
+    enforce_eager: bool = False  # True: never capture CUDA graphs (decode still uses the static buffers)
 
     def __post_init__(self):
         if self.block_size < 1:

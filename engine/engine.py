@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import LORA_TARGET_MODULES, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
 from engine.kv_cache import KVBlockPool, KVCache
 from engine.lora import AdapterSlots, LoRAWeights
@@ -96,16 +96,21 @@ class LLMEngine:
         self.pool = KVBlockPool(num_blocks, config.block_size)
         self.kv = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, dtype,
                           config.device)
+        out_sizes = {m: o for (_, m), (_, o) in mc.lora_module_shapes(LORA_TARGET_MODULES).items()}
         self.slots = (AdapterSlots(config.max_loras, config.max_lora_rank,
-                                   mc.lora_module_shapes(config.lora_target_modules), dtype, config.device)
+                                   mc.lora_module_shapes(config.lora_target_modules), dtype, config.device,
+                                   out_sizes=out_sizes)
                       if config.max_loras > 0 else None)
         self.loras = LoRAManager(self.slots)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv, self.slots, config.block_size, config.device)
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
+        self.model.rope.ensure(self.max_model_len + 1)
+        self.runner = ModelRunner(self.model, self.kv, self.slots, config.block_size, config.device,
+                                  config.max_num_seqs, self.max_model_len, config.enforce_eager)
+        self.runner.capture()  # CUDA graphs for decode steps (no-op on a CPU or with enforce_eager)
         self.sampler = Sampler()
         self.optimal_sampler = OptimalSampler()
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(config.model_dir)
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self.special_token_ids = frozenset(self.tokenizer.all_special_ids) | self.eos_token_ids
         self.requests: dict[str, _Request] = {}
@@ -305,6 +310,7 @@ class LLMEngine:
                 s.status, s.finish_reason = SeqStatus.FINISHED, reason
                 continue
             self.scheduler.finish(s, reason)
+            self.runner.release(s)
             s.pending_logits = None
             if s.adapter_slot >= 0:
                 self.loras.release(s.adapter_slot)

@@ -63,13 +63,21 @@ class KVBlockPool:
 
 
 class KVCache:
-    """Per-layer key/value tensors `[num_blocks, block_size, kv_heads, head_dim]`, allocated once."""
+    """Per-layer key/value tensors `[num_blocks + 1, block_size, kv_heads, head_dim]`, allocated once.
+
+    The extra block (`scratch_block`, never handed out by the pool) is where the padding rows of
+    a static decode batch write and read, so they never touch a sequence's blocks.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: str | torch.device):
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # the same storage as [slots, kv_heads, head_dim], indexed by block * block_size + offset
+        self.k_flat = [t.view(-1, kv_heads, head_dim) for t in self.k]
+        self.v_flat = [t.view(-1, kv_heads, head_dim) for t in self.v]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -83,83 +83,95 @@ class TextConfig:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    """HF's Qwen2RMSNorm (float32 statistics, cast back, times the weight) as one aten op."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
 class MRoPE(nn.Module):
-    """Multimodal rotary embedding: frequency band i of `mrope_section` follows position row i % 3."""
+    """Multimodal rotary embedding: frequency band i of `mrope_section` follows position row i % 3.
 
-    def __init__(self, cfg: TextConfig):
+    cos/sin of every position are tabulated once (float32, as HF computes them) so a step's
+    tables are one lookup. The sine table carries rotate-half's sign (its first half negated),
+    so rotating is `x * cos + flip_halves(x) * sin`.
+    """
+
+    def __init__(self, cfg: TextConfig, max_positions: int | None = None):
         super().__init__()
         d = cfg.head_dim
         self.register_buffer("inv_freq", 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d)),
                              persistent=False)
         self.section = list(cfg.mrope_section)
+        # which of the 3 position rows each of the D/2 frequencies follows (one-hot [3, 1, 1, D])
+        row = torch.cat([torch.full((s,), i % 3) for i, s in enumerate(self.section)])
+        row = torch.cat((row, row))
+        self.register_buffer("row_select", (torch.arange(3).unsqueeze(1) == row).float().view(3, 1, 1, d),
+                             persistent=False)
+        self.register_buffer("table", torch.empty(0, 2, d), persistent=False)
+        self.ensure(max_positions or cfg.max_position_embeddings)
+
+    def ensure(self, num_positions: int) -> None:
+        """Tabulate positions [0, num_positions) (grows only)."""
+        if num_positions <= self.table.shape[0]:
+            return
+        dev = self.inv_freq.device
+        freqs = torch.arange(num_positions, device=dev, dtype=torch.float).unsqueeze(1) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        half = emb.shape[-1] // 2
+        sign = torch.cat((-torch.ones(half, device=dev), torch.ones(half, device=dev)))
+        self.table = torch.stack((emb.cos(), emb.sin() * sign), dim=1)  # [P, 2, D]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq  # [3, T, D/2]
-        cos, sin = freqs.cos(), freqs.sin()
-
-        def recompose(f):
-            f = torch.cat([m[i % 3] for i, m in enumerate(f.split(self.section, dim=-1))], dim=-1)
-            return torch.cat((f, f), dim=-1).to(dtype)  # [T, D]
-
-        return recompose(cos), recompose(sin)
+        """positions [3, T] -> cos, signed sin [T, 1, D] in `dtype`."""
+        cs = (F.embedding(positions, self.table.view(self.table.shape[0], -1)).view(3, -1, 2, self.table.shape[-1])
+              * self.row_select).sum(0).to(dtype)  # [T, 2, D]
+        return cs[:, 0:1], cs[:, 1:2]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; rotate-half RoPE as in HF."""
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
+    """x [T, heads, D]; HF's rotate-half RoPE with the sign folded into `sin` (rolling by D/2 swaps the halves)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class DecoderLayer(nn.Module):
+    """One decoder layer with merged projections: q/k/v in one matmul (`qkv`), gate/up in one (`gate_up`)."""
+
     def __init__(self, cfg: TextConfig, idx: int):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         self.idx = idx
         self.cfg = cfg
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=True)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=True)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=True)
+        self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.qkv = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=True)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
-        self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
         self.input_layernorm = nn.Parameter(torch.ones(h))
         self.post_attention_layernorm = nn.Parameter(torch.ones(h))
 
-    def _proj(self, name: str, x: torch.Tensor, slots: AdapterSlots | None, lora: LoRABatch | None) -> torch.Tensor:
-        y = getattr(self, name)(x)
-        if lora is not None and slots is not None and (self.idx, name) in slots.a:
-            y = apply_lora(y, x, slots.a[(self.idx, name)], slots.b[(self.idx, name)], lora)
+    def _proj(self, group: str, x: torch.Tensor, slots: AdapterSlots | None, lora: LoRABatch | None) -> torch.Tensor:
+        linear = self.o_proj if group == "o" else self.down_proj if group == "down" else getattr(self, group)
+        y = linear(x)
+        if lora is not None and slots is not None:
+            key = (self.idx, group)
+            if key in slots.a:
+                y = apply_lora(y, x, slots.a[key], slots.b[key], lora)
         return y
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata, slots, lora):
         cfg = self.cfg
         T = x.shape[0]
         h = rms_norm(x, self.input_layernorm, cfg.rms_norm_eps)
-        q = self._proj("q_proj", h, slots, lora).view(T, cfg.num_heads, cfg.head_dim)
-        k = self._proj("k_proj", h, slots, lora).view(T, cfg.num_kv_heads, cfg.head_dim)
-        v = self._proj("v_proj", h, slots, lora).view(T, cfg.num_kv_heads, cfg.head_dim)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        qk, v = self._proj("qkv", h, slots, lora).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = rotate(qk.view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
+        v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, cfg.head_dim ** -0.5)
-        x = x + self._proj("o_proj", attn, slots, lora)
+        x = x + self._proj("o", attn, slots, lora)
         h = rms_norm(x, self.post_attention_layernorm, cfg.rms_norm_eps)
-        act = F.silu(self._proj("gate_proj", h, slots, lora)) * self._proj("up_proj", h, slots, lora)
-        return x + self._proj("down_proj", act, slots, lora)
-
-
-_LAYER_RENAMES = {
-    "self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
-    "self_attn.o_proj": "o_proj", "mlp.gate_proj": "gate_proj", "mlp.up_proj": "up_proj",
-    "mlp.down_proj": "down_proj", "input_layernorm.weight": "input_layernorm",
-    "post_attention_layernorm.weight": "post_attention_layernorm",
-}
+        gate, up = self._proj("gate_up", h, slots, lora).chunk(2, dim=-1)
+        return x + self._proj("down", F.silu(gate) * up, slots, lora)
 
 
 class QwenTextModel(nn.Module):
@@ -170,30 +182,39 @@ class QwenTextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rope = MRoPE(cfg)
+        self.rope = MRoPE(cfg, max_positions=1)
 
     @staticmethod
-    def from_pretrained(model_dir: str | Path, device="cpu", dtype=torch.float32) -> "QwenTextModel":
+    def from_pretrained(model_dir: str | Path, device="cpu", dtype=torch.float32,
+                        max_positions: int | None = None) -> "QwenTextModel":
         cfg = TextConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             model = QwenTextModel(cfg)
         model = model.to_empty(device=device).to(dtype)
-        model.rope = MRoPE(cfg).to(device)
+        with torch.device(device):
+            model.rope = MRoPE(cfg, max_positions)
         params = dict(model.named_parameters())
         loaded = set()
         for name, t in iter_tensors(model_dir, lambda n: n == "lm_head.weight" or
                                     (n.startswith("model.") and not n.startswith(("model.visual.",)))):
             target = _map_name(name)
-            if target is None or target not in params:
+            if target is None:
                 continue
-            params[target].data.copy_(t.to(dtype))
-            loaded.add(target)
-        if cfg.tie_word_embeddings and "lm_head.weight" not in loaded:
+            pname, part = target
+            if pname not in params:
+                continue
+            dst = params[pname].data
+            if part is not None:
+                lo, hi = _merged_rows(cfg, pname, part)
+                dst = dst[lo:hi]
+            dst.copy_(t.to(dtype))
+            loaded.add((pname, part))
+        if cfg.tie_word_embeddings and ("lm_head.weight", None) not in loaded:
             model.lm_head.weight = model.embed_tokens.weight
-            loaded.add("lm_head.weight")
-        missing = set(params) - loaded
+            loaded.add(("lm_head.weight", None))
+        missing = {(p, part) for p in params for part in _parts_of(p)} - loaded
         if missing:
-            raise ValueError(f"checkpoint {model_dir} lacks language-model tensors: {sorted(missing)[:5]} ...")
+            raise ValueError(f"checkpoint {model_dir} lacks language-model tensors: {sorted(map(str, missing))[:5]} ...")
         return model.eval()
 
     @torch.inference_mode()
@@ -214,9 +235,32 @@ class QwenTextModel(nn.Module):
         return self.lm_head(x).float()
 
 
-def _map_name(name: str) -> str | None:
+_LAYER_RENAMES = {
+    "self_attn.q_proj": ("qkv", "q"), "self_attn.k_proj": ("qkv", "k"), "self_attn.v_proj": ("qkv", "v"),
+    "self_attn.o_proj": ("o_proj", None), "mlp.gate_proj": ("gate_up", "gate"), "mlp.up_proj": ("gate_up", "up"),
+    "mlp.down_proj": ("down_proj", None), "input_layernorm.weight": ("input_layernorm", None),
+    "post_attention_layernorm.weight": ("post_attention_layernorm", None),
+}
+
+
+def _parts_of(pname: str) -> tuple[str | None, ...]:
+    """The checkpoint tensors a parameter is assembled from (merged projections have several)."""
+    if ".qkv." in pname:
+        return ("q", "k", "v")
+    if ".gate_up." in pname:
+        return ("gate", "up")
+    return (None,)
+
+
+def _merged_rows(cfg: TextConfig, pname: str, part: str) -> tuple[int, int]:
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv), "gate": (0, inter), "up": (inter, 2 * inter)}[part]
+
+
+def _map_name(name: str) -> tuple[str, str | None] | None:
+    """Checkpoint tensor name -> (our parameter, which part of a merged projection or None)."""
     if name == "lm_head.weight":
-        return name
+        return name, None
     for p in _LM_PREFIXES:
         if name.startswith(p):
             rest = name[len(p):]
@@ -224,12 +268,12 @@ def _map_name(name: str) -> str | None:
     else:
         return None
     if rest == "embed_tokens.weight":
-        return rest
+        return rest, None
     if rest == "norm.weight":
-        return "norm"
+        return "norm", None
     if rest.startswith("layers."):
         _, idx, tail = rest.split(".", 2)
-        for src, dst in _LAYER_RENAMES.items():
+        for src, (dst, part) in _LAYER_RENAMES.items():
             if tail == src or tail.startswith(src + "."):
-                return f"layers.{idx}.{dst}{tail[len(src):]}"
+                return f"layers.{idx}.{dst}{tail[len(src):]}", part
     return None

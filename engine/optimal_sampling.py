@@ -8,7 +8,7 @@ For a batch of student / teacher logit pairs `[B, V]` and each row's temperature
 
 then q* is restricted to the teacher's top-k / top-p support, the request's own top-k / top-p /
 min-p filter it exactly as in ordinary sampling (`engine.sampling.filter_logits`), and the token is
-drawn with the row's own generator by the same exponential race `engine.sampling.Sampler._draw`
+drawn with the row's own seeded uniform by the same inverse-CDF draw `engine.sampling.Sampler._draw`
 uses (it is called, not copied). Nothing here imports Ray.
 
 Decisions the spec leaves open, made here:
@@ -66,7 +66,6 @@ from engine.sampling import (
     _is_num,
     apply_penalties,
     filter_logits,
-    make_generator,
 )
 
 ALPHA_METHODS = ("fixed", "kl_symmetry", "reverse_kl_symmetry", "ess_balance", "entropy")
@@ -476,7 +475,7 @@ class OptimalSampler:
     -> the request's top-k / top-p / min-p -> argmax (greedy rows) or the row's seeded draw.
 
     The draw is `Sampler._draw` on the final logits with a temperature-1, filter-free view of each
-    row (same generator), so `fixed` alpha 0 / 1 consume the same randomness and give the same
+    row (same seed and position), so `fixed` alpha 0 / 1 consume the same randomness and give the same
     tokens as `Sampler` on z_s / z_t.
     """
 
@@ -525,14 +524,14 @@ class OptimalSampler:
         tokens = final.argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
-            for i in sampled:
-                if rows[i].generator is None:  # as Sampler does: fresh randomness rather than fail
-                    rows[i].generator = make_generator(None, device=dev)
-            views = [RowState(_UNIT_PARAMS, [], rows[i].generator) for i in sampled]
+            views = [RowState(_UNIT_PARAMS, rows[i].output_token_ids, rows[i].seed, rows[i].num_draws)
+                     for i in sampled]
             if len(sampled) == B:
                 tokens = Sampler._draw(final, views)
             else:
                 tokens[sampled] = Sampler._draw(final[sampled], views)
+            for i, v in zip(sampled, views):
+                rows[i].num_draws = v.num_draws
         token_list = tokens.tolist()
 
         diags: list[TokenDiagnostics | None] = [None] * B

@@ -1,15 +1,17 @@
 """Per-request sampling parameters and the batched sampler the engine loop calls once per step.
 
 The sampler takes float32 logits `[B, V]` for every row that needs a next token, plus one
-`RowState` per row, and returns one token per row (and logprobs where asked). Filtering is
-vectorised across the batch; only the random draw is per row, with the row's own generator,
-so a seeded request gets the same tokens whatever else is in the batch.
+`RowState` per row, and returns one token per row (and logprobs where asked). Everything is
+vectorised across the batch on the logits' device: one uniform per row picks a token from the
+row's CDF; a seeded row's uniform is a hash of (seed, position), so a seeded request gets the
+same tokens whatever else is in the batch.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -118,20 +120,42 @@ def make_generator(seed: int | None, index: int = 0, device: str | torch.device 
     return g
 
 
-@dataclass(slots=True)
+_MASK64 = 0xFFFF_FFFF_FFFF_FFFF
+# Uniforms stay below 1 - 2^-20 so `u * total` is always strictly below the last CDF value.
+_U_MAX = 1.0 - 2.0 ** -20
+
+
+def seeded_uniform(seed: int, position: int) -> float:
+    """A uniform in [0, 1 - 2^-20) that depends only on (seed, position): a SplitMix64 hash, so a seeded
+    row's draw is reproducible and independent of whatever else is in the batch (counter-based,
+    no generator state)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xD1B54A32D192ED03) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z >> 40) / 2.0 ** 24 * _U_MAX
+
+
+@dataclass(slots=True, weakref_slot=True)
 class RowState:
     """One sequence's sampling state; the engine appends each sampled token to `output_token_ids`.
 
-    `output_token_ids` are the *generated* ids only: penalties never look at the prompt.
+    `output_token_ids` are the *generated* ids only: penalties never look at the prompt. `seed` is
+    the request's seed + the choice index (None: unseeded); a seeded row's k-th draw is keyed by
+    (seed, k), so it replays exactly whatever else is in the batch.
     """
 
     params: SamplingParams
     output_token_ids: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    seed: int | None = None
+    num_draws: int = 0  # random draws this row has taken
+    count_row: int = -1  # row of the shared penalty count buffer (-1: none yet)
+    counted: int = 0  # how many of output_token_ids that row has counted
+    counted_list: list[int] | None = None  # the list those were counted from (replaced list: recount)
 
     @classmethod
     def create(cls, params: SamplingParams, index: int = 0, device: str | torch.device = "cpu") -> RowState:
-        return cls(params, [], make_generator(params.seed, index, device))
+        return cls(params, [], None if params.seed is None else params.seed + index)
 
 
 @dataclass(slots=True)
@@ -149,6 +173,61 @@ class SampleResult:
         return len(self.token_ids)
 
 
+class PenaltyCounts:
+    """Generated-token counts per row in one persistent device buffer `[rows, vocab]`.
+
+    Each step only the tokens appended since the last step are added (`scatter_add_`); a row is
+    returned to the free list when its RowState is garbage-collected.
+    """
+
+    _shared: dict[tuple[str, int], "PenaltyCounts"] = {}
+
+    def __init__(self, vocab: int, device: torch.device, capacity: int = 64):
+        self.vocab = vocab
+        self.device = device
+        self.counts = torch.zeros(capacity, vocab, device=device)
+        self._free = list(range(capacity - 1, -1, -1))
+
+    @classmethod
+    def shared(cls, vocab: int, device: torch.device) -> "PenaltyCounts":
+        key = (str(device), vocab)
+        if key not in cls._shared:
+            cls._shared[key] = cls(vocab, device)
+        return cls._shared[key]
+
+    def _assign(self, row: RowState) -> None:
+        if not self._free:
+            n = self.counts.shape[0]
+            self.counts = torch.cat([self.counts, torch.zeros_like(self.counts)])
+            self._free = list(range(2 * n - 1, n - 1, -1))
+        row.count_row = self._free.pop()
+        weakref.finalize(row, self._release, row.count_row)
+
+    def _release(self, index: int) -> None:
+        self._free.append(index)
+
+    def rows_for(self, rows: list[RowState]) -> torch.Tensor:
+        """Bring the rows' counts up to date; return their buffer rows (a device index tensor)."""
+        zero, idx, toks = [], [], []
+        for r in rows:
+            if r.count_row < 0:
+                self._assign(r)
+                zero.append(r.count_row)
+                r.counted, r.counted_list = 0, r.output_token_ids
+            elif r.counted_list is not r.output_token_ids or r.counted > len(r.output_token_ids):
+                zero.append(r.count_row)
+                r.counted, r.counted_list = 0, r.output_token_ids
+            new = r.output_token_ids[r.counted:]
+            idx.extend([r.count_row * self.vocab + t for t in new])
+            r.counted += len(new)
+        if zero:
+            self.counts.index_fill_(0, torch.tensor(zero, dtype=torch.long).to(self.device), 0.0)
+        if idx:
+            flat = torch.tensor(idx, dtype=torch.long).to(self.device)
+            self.counts.view(-1).scatter_add_(0, flat, torch.ones(len(idx), device=self.device))
+        return torch.tensor([r.count_row for r in rows], dtype=torch.long).to(self.device)
+
+
 def apply_penalties(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     """OpenAI presence/frequency penalties over generated tokens; returns a new tensor (input untouched).
 
@@ -157,20 +236,14 @@ def apply_penalties(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
     idx = [i for i, r in enumerate(rows) if r.params.has_penalties and r.output_token_ids]
     if not idx:
         return logits
+    dev, dt = logits.device, logits.dtype
+    counts = PenaltyCounts.shared(logits.shape[1], dev)
+    c = counts.counts.index_select(0, counts.rows_for([rows[i] for i in idx])).to(dt)
+    host = torch.tensor([[rows[i].params.frequency_penalty for i in idx], [rows[i].params.presence_penalty for i in idx],
+                         idx], dtype=torch.float64).to(dev)
+    freq, pres, sel = host[0].to(dt), host[1].to(dt), host[2].long()
     logits = logits.clone()
-    B, V = len(idx), logits.shape[1]
-    dev = logits.device
-    flat = torch.tensor([t for i in idx for t in rows[i].output_token_ids], dtype=torch.long, device=dev)
-    row_of = torch.tensor(
-        [j for j, i in enumerate(idx) for _ in rows[i].output_token_ids], dtype=torch.long, device=dev
-    )
-    counts = torch.zeros(B * V, dtype=logits.dtype, device=dev)
-    counts.index_add_(0, row_of * V + flat, torch.ones_like(flat, dtype=logits.dtype))
-    counts = counts.view(B, V)
-    freq = torch.tensor([rows[i].params.frequency_penalty for i in idx], dtype=logits.dtype, device=dev)
-    pres = torch.tensor([rows[i].params.presence_penalty for i in idx], dtype=logits.dtype, device=dev)
-    sel = torch.tensor(idx, dtype=torch.long, device=dev)
-    logits[sel] -= freq[:, None] * counts + pres[:, None] * (counts > 0).to(logits.dtype)
+    logits.index_put_((sel,), logits.index_select(0, sel) - (freq[:, None] * c + pres[:, None] * (c > 0).to(dt)))
     return logits
 
 
@@ -192,34 +265,52 @@ def _filter_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torc
     return sorted_logits.masked_fill(remove, float("-inf"))
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                  max_k: int | None = None, uses_top_p: bool | None = None) -> torch.Tensor:
     """Mask (to -inf) what HF's TopK -> TopP -> MinP warpers would remove, for per-row k / p / min_p.
 
     `logits` are already temperature-scaled; "off" is `top_k` = V, `top_p` = 1.0, `min_p` = 0.0.
-    A full-vocab sort is only paid when some row uses top-p without top-k: if every row has a
-    top-k, the filters run on the top max(k) entries; if only min-p is used, no sort at all.
+    `max_k` (the largest top-k below V, 0 if none) and `uses_top_p` come from the request
+    parameters so the path is chosen without reading the device; when omitted they are read
+    from the tensors. Top-p needs the full-vocabulary sort; top-k alone is a threshold at the
+    k-th value (ties kept, as HF); min-p alone needs no sort.
     """
     V = logits.shape[1]
-    has_k = top_k < V
-    if not has_k.any() and bool((top_p >= 1).all()):
-        probs = logits.softmax(dim=-1)
-        return logits.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
-    if bool(has_k.all()):
-        vals, idx = logits.topk(int(top_k.max()), dim=-1)
-        kth = vals.gather(1, (top_k - 1)[:, None])
-        # A tie with the k-th value beyond the window would be kept by HF: take the exact path then.
-        if not bool(((logits >= kth).sum(-1) > top_k).any()):
-            out = torch.full_like(logits, float("-inf"))
-            return out.scatter_(1, idx, _filter_sorted(vals, top_k, top_p, min_p))
-    vals, idx = logits.sort(dim=-1, descending=True)
-    return torch.empty_like(logits).scatter_(1, idx, _filter_sorted(vals, top_k, top_p, min_p))
+    if uses_top_p is None:
+        uses_top_p = bool((top_p < 1).any())
+    if max_k is None:
+        ks = top_k[top_k < V]
+        max_k = int(ks.max()) if ks.numel() else 0
+    if uses_top_p:
+        vals, idx = logits.sort(dim=-1, descending=True)
+        return torch.empty_like(logits).scatter_(1, idx, _filter_sorted(vals, top_k, top_p, min_p))
+    if max_k:
+        kth = logits.topk(max_k, dim=-1).values.gather(1, (top_k.clamp(max=max_k) - 1)[:, None])
+        kth = torch.where((top_k < V)[:, None], kth, torch.full_like(kth, float("-inf")))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+_WORKSPACE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _workspace(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [rows, vocab] scratch tensor kept between steps (grows to the largest batch seen)."""
+    key = (str(device), dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < rows * vocab:
+        buf = _WORKSPACE[key] = torch.empty(rows * vocab, dtype=dtype, device=device)
+    return buf[:rows * vocab].view(rows, vocab)
 
 
 class Sampler:
     """Batched sampler: penalties -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw.
 
-    Logprobs are `log_softmax` of the RAW model logits (before penalties, temperature and
-    filters), which is what vLLM returns by default and what the HF oracle's logits give.
+    Everything runs on the logits' device; the host only builds small per-row parameter tensors
+    and reads the result back once per call. Logprobs are `log_softmax` of the RAW model logits
+    (before penalties, temperature and filters), which is what vLLM returns by default and
+    what the HF oracle's logits give.
     """
 
     def sample(self, logits: torch.Tensor, rows: list[RowState]) -> SampleResult:
@@ -232,55 +323,81 @@ class Sampler:
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(sampled) == len(rows):
             tokens = self._draw(logits, rows)
-        else:  # greedy rows are a single argmax; sampled rows (if any) overwrite theirs
+        elif not sampled:
             tokens = logits.argmax(dim=-1)
-            if sampled:
-                tokens[sampled] = self._draw(logits[sampled], [rows[i] for i in sampled])
-        token_list = tokens.tolist()
-        lp, top = self._logprobs(raw, tokens, rows)
+        else:  # greedy rows are a single argmax; sampled rows overwrite theirs
+            tokens = logits.argmax(dim=-1)
+            sel = torch.tensor(sampled, dtype=torch.long).to(logits.device)
+            tokens = tokens.index_copy(0, sel, self._draw(logits.index_select(0, sel), [rows[i] for i in sampled]))
+        want = [i for i, r in enumerate(rows) if r.params.logprobs]
+        if not want:
+            return SampleResult(tokens.tolist(), [None] * len(rows), [None] * len(rows))
+        packed = torch.cat([tokens.double(), self._logprobs_packed(raw, tokens, rows, want)])
+        values = packed.tolist()  # the one read-back of the step
+        token_list = [int(t) for t in values[:len(rows)]]
+        lp, top = self._unpack_logprobs(values[len(rows):], rows, want)
         return SampleResult(token_list, lp, top)
 
     @staticmethod
     def _draw(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+        """Inverse-CDF draw with one uniform per row: seeded rows hash (seed, position) on the host,
+        unseeded rows share one device `rand`. No per-row, per-vocabulary host work."""
         dev, dt = logits.device, logits.dtype
-        temp = torch.tensor([r.params.temperature for r in rows], dtype=dt, device=dev)
-        logits = logits / temp[:, None]
+        B, V = logits.shape
+        temps = [r.params.temperature for r in rows]
+        if any(t != 1.0 for t in temps):
+            logits = logits / torch.tensor(temps, dtype=dt).to(dev)[:, None]
         if any(r.params.has_filters for r in rows):
-            V = logits.shape[1]
-            k = torch.tensor([r.params.top_k if r.params.top_k >= 1 else V for r in rows], device=dev)
-            p = torch.tensor([r.params.top_p for r in rows], dtype=dt, device=dev)
-            mp = torch.tensor([r.params.min_p for r in rows], dtype=dt, device=dev)
-            logits = filter_logits(logits, k, p, mp)
-        probs = logits.softmax(dim=-1)
-        # Exponential race: argmax(p / E), E ~ Exp(1), picks token t with probability p[t]. The
-        # noise comes from each row's own generator, so a row's draw never depends on the batch.
-        # E = -log(U) with U in [0, 1): U = 0 gives E = inf, never 0, so p / E is never NaN.
-        noise = torch.empty_like(probs)
-        for j, r in enumerate(rows):
-            g = r.generator
-            if g is None:  # a row built without one: draw fresh randomness rather than fail
-                g = r.generator = make_generator(None, device=dev)
-            u = torch.rand(probs.shape[1], dtype=dt, device=g.device, generator=g)
-            noise[j] = u.log_().neg_().to(dev)
-        return (probs / noise).argmax(dim=-1)
+            ks = [r.params.top_k if r.params.top_k >= 1 else V for r in rows]
+            host = torch.tensor([ks, [r.params.top_p for r in rows], [r.params.min_p for r in rows]],
+                                dtype=torch.float64).to(dev)
+            logits = filter_logits(logits, host[0].long(), host[1].to(dt), host[2].to(dt),
+                                   max_k=max((k for k in ks if k < V), default=0),
+                                   uses_top_p=any(r.params.top_p < 1 for r in rows))
+        seeded = [r.seed is not None for r in rows]
+        for r in rows:
+            r.num_draws += 1
+        if not any(seeded):
+            u = torch.rand(B, device=dev, dtype=dt).mul_(_U_MAX)
+        else:
+            host_u = torch.tensor([seeded_uniform(r.seed, r.num_draws - 1) if r.seed is not None else -1.0
+                                   for r in rows], dtype=dt).to(dev)
+            u = host_u if all(seeded) else torch.where(host_u >= 0, host_u,
+                                                       torch.rand(B, device=dev, dtype=dt).mul_(_U_MAX))
+        cdf = _workspace(B, V, dt, dev)  # reused: a fresh [B, V] allocation costs more than the math
+        torch.sub(logits, logits.amax(dim=-1, keepdim=True), out=cdf).exp_().cumsum_(dim=-1)
+        target = (u[:, None] * cdf[:, -1:]).contiguous()
+        return torch.searchsorted(cdf, target, right=True).view(B).clamp_(max=V - 1)
 
     @staticmethod
-    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: list[RowState]):
-        B = len(rows)
-        want = [i for i, r in enumerate(rows) if r.params.logprobs]
-        lp: list[float | None] = [None] * B
-        top: list[list[tuple[int, float]] | None] = [None] * B
-        if not want:
-            return lp, top
-        sel = torch.tensor(want, dtype=torch.long, device=raw.device)
-        logp = torch.log_softmax(raw[sel].float(), dim=-1)
-        chosen = logp.gather(1, tokens[sel][:, None]).squeeze(1).tolist()
+    def _logprobs_packed(raw: torch.Tensor, tokens: torch.Tensor, rows: list[RowState], want: list[int]):
+        """[len(want)] chosen logprobs, then (if any row wants them) [len(want), kmax] top values and ids, flat float64."""
+        sel = torch.tensor(want, dtype=torch.long).to(raw.device)
+        logp = torch.log_softmax(raw.index_select(0, sel).float(), dim=-1)
+        parts = [logp.gather(1, tokens.index_select(0, sel)[:, None]).squeeze(1).double()]
         kmax = max(rows[i].params.top_logprobs for i in want)
         if kmax:
             vals, ids = logp.topk(kmax, dim=-1)
-            vals, ids = vals.tolist(), ids.tolist()
+            parts += [vals.double().flatten(), ids.double().flatten()]
+        return torch.cat(parts)
+
+    @staticmethod
+    def _unpack_logprobs(values: list[float], rows: list[RowState], want: list[int]):
+        B, W = len(rows), len(want)
+        lp: list[float | None] = [None] * B
+        top: list[list[tuple[int, float]] | None] = [None] * B
+        kmax = max(rows[i].params.top_logprobs for i in want)
+        vals, ids = values[W:W + W * kmax], values[W + W * kmax:]
         for j, i in enumerate(want):
-            lp[i] = chosen[j]
+            lp[i] = values[j]
             k = rows[i].params.top_logprobs
-            top[i] = list(zip(ids[j][:k], vals[j][:k])) if k else []
+            top[i] = [(int(ids[j * kmax + m]), vals[j * kmax + m]) for m in range(k)]
         return lp, top
+
+    @classmethod
+    def _logprobs(cls, raw: torch.Tensor, tokens: torch.Tensor, rows: list[RowState]):
+        """(logprob, top logprobs) lists per row (None where the row did not ask)."""
+        want = [i for i, r in enumerate(rows) if r.params.logprobs]
+        if not want:
+            return [None] * len(rows), [None] * len(rows)
+        return cls._unpack_logprobs(cls._logprobs_packed(raw, tokens, rows, want).tolist(), rows, want)
