@@ -65,16 +65,10 @@ class VisionEncoder:
         t, h, w = grid
         return (t * h * w) // self.spatial_merge_size**2
 
-    def encode(self, pixel_values_list: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        """Embed all images in ONE forward: [n_i, 1176] patches -> [n_i / merge^2, out_hidden] each.
-
-        Attention is block-diagonal per image inside the tower, so batching changes only speed,
-        not results. Outputs stay on the encoder's device, in its dtype.
-        """
+    def check_inputs(self, pixel_values_list: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> None:
+        """ValueError saying what is wrong unless each image's patches fit its grid."""
         if len(pixel_values_list) != len(grids):
             raise ValueError(f"{len(pixel_values_list)} pixel tensors but {len(grids)} grids")
-        if not grids:
-            return []
         m = self.spatial_merge_size
         for i, (pixels, grid) in enumerate(zip(pixel_values_list, grids)):
             t, h, w = grid
@@ -85,6 +79,16 @@ class VisionEncoder:
                 )
             if h % m or w % m:
                 raise ValueError(f"image {i}: grid {tuple(grid)} height and width must be multiples of {m}")
+
+    def encode(self, pixel_values_list: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """Embed all images in ONE forward: [n_i, 1176] patches -> [n_i / merge^2, out_hidden] each.
+
+        Attention is block-diagonal per image inside the tower, so batching changes only speed,
+        not results. Outputs stay on the encoder's device, in its dtype.
+        """
+        self.check_inputs(pixel_values_list, grids)
+        if not grids:
+            return []
         with torch.inference_mode():
             batch = self.tower.plan(list(grids))
             pixels = torch.cat([p.to(device=self.device, dtype=self.dtype) for p in pixel_values_list])

@@ -5,10 +5,12 @@ and reads the window sizes back to the host in every layer. Here everything that
 image sizes (window order, rotary angles, padding of partial windows, per-image segments) is
 built on the host once per image grid (t, h, w), cached, and copied to the device once per batch
 (`TowerBatch`); the forward itself is a fixed sequence of device ops. Window layers attend over
-all windows of all images in one call (windows padded to the window size, keys masked), full
-layers over all images in one call (images padded to the largest, keys masked): both equal HF's
-block-diagonal attention. With flash-attn importable (CUDA, half precision) both run packed
-through `flash_attn_varlen_func` instead, with no padding.
+all windows of all images in one SDPA call (partial windows padded to the window size, keys
+masked); full layers over all images in one call when their sizes are alike (padded to the
+largest, keys masked), else in one call per group of alike sizes (`pad_groups`: padding a small
+image to a large one would cost more than the call it saves). Both equal HF's block-diagonal
+attention. With flash-attn importable (CUDA, half precision) both run packed through
+`flash_attn_varlen_func` in one call each, with no padding.
 
 Numerics follow HF's modules exactly (RMSNorm in fp32, rotary in fp32, exact GELU in the merger),
 so the output matches `Qwen2_5_VisionTransformerPretrainedModel` to float tolerance.
@@ -143,39 +145,81 @@ def build_grid_layout(cfg: VisionConfig, grid: Grid) -> GridLayout:
 
 
 # -- Segments: windows or images, padded (SDPA) or packed (flash-attn) ------------------------------
+PAD_BUDGET = 1.5  # a padded group may cost at most this much more attention (sum of L^2) than its segments
+
+
+@dataclass(frozen=True, slots=True)
+class PadGroup:
+    """Segments padded to one length: one SDPA call over [num, heads, max_len, head_dim]."""
+
+    num: int
+    max_len: int
+    mask: torch.Tensor | None  # [num, 1, 1, max_len] bool, real keys; None when no segment is padded
+
+
+def pad_groups(lengths: list[int], budget: float = PAD_BUDGET) -> list[list[int]]:
+    """Segments (indices, longest first) grouped so padding each group to its longest segment costs at
+    most `budget` x the group's own attention. Equal or near-equal lengths (windows of one image, images
+    of one size) make one group, so one call; very different image sizes get a call each instead of
+    padding small images to the largest."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        if groups:
+            longest = lengths[groups[-1][0]]
+            if (len(groups[-1]) + 1) * longest**2 <= budget * (real + lengths[i] ** 2):
+                groups[-1].append(i)
+                real += lengths[i] ** 2
+                continue
+        groups.append([i])
+        real = lengths[i] ** 2
+    return groups
+
+
 @dataclass(frozen=True, slots=True)
 class Segments:
     """A partition of the packed rows into attention segments (windows, or frames of images).
 
-    Padded layout for SDPA: `gather` lists the packed row of each of the [num, max_len] slots
-    (0 in padding slots), `scatter` the slot of each packed row, `mask` the real keys; all three
-    are None when every segment is full (the packed rows are the padded layout already).
-    `cu_seqlens` is the packed layout for flash-attn.
+    Padded layout for SDPA: the groups' [num, max_len] slots one after another; `gather` lists the
+    packed row of each slot (0 in padding slots), `scatter` the slot of each packed row. Both are None
+    when the packed rows already are that layout (one group, every segment full). `cu_seqlens` and
+    `max_len` describe the packed layout for flash-attn.
     """
 
-    num: int
-    max_len: int
+    groups: tuple[PadGroup, ...]
     gather: torch.Tensor | None
     scatter: torch.Tensor | None
-    mask: torch.Tensor | None  # [num, 1, 1, max_len] bool
     cu_seqlens: torch.Tensor  # [num + 1] int32
-    cos: torch.Tensor  # rotary tables in this layout ([num * max_len, head_dim] padded, [n, ...] packed)
+    max_len: int
+    cos: torch.Tensor  # rotary tables in this layout (padded slots, or packed rows)
     sin: torch.Tensor
 
     @staticmethod
     def build(lengths: list[int], cos: torch.Tensor, sin: torch.Tensor, packed: bool,
               device: torch.device) -> "Segments":
-        n, L = len(lengths), max(lengths)
         lens = torch.tensor(lengths)
         cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+        L = max(lengths)
         if packed or all(x == L for x in lengths):
-            return Segments(n, L, None, None, None, cu.to(device), cos.to(device), sin.to(device))
-        slot = torch.arange(L)
-        valid = slot.unsqueeze(0) < lens.unsqueeze(1)  # [n, L]
-        gather = torch.where(valid, cu[:-1].long().unsqueeze(1) + slot, torch.zeros((), dtype=torch.long)).flatten()
-        scatter = torch.arange(n * L).view(n, L)[valid]
-        return Segments(n, L, gather.to(device), scatter.to(device), valid.view(n, 1, 1, L).to(device),
-                        cu.to(device), cos[gather].to(device), sin[gather].to(device))
+            return Segments((PadGroup(len(lengths), L, None),), None, None, cu.to(device), L,
+                            cos.to(device), sin.to(device))
+        starts = cu[:-1].long()
+        groups, gather, slot_of_row = [], [], torch.empty(int(cu[-1]), dtype=torch.long)
+        offset = 0
+        for members in pad_groups(lengths):
+            g_len = lens[members]
+            n, gl = len(members), int(g_len.max())
+            slot = torch.arange(gl)
+            valid = slot.unsqueeze(0) < g_len.unsqueeze(1)  # [n, gl]
+            rows = starts[members].unsqueeze(1) + slot
+            gather.append(torch.where(valid, rows, torch.zeros((), dtype=torch.long)).flatten())
+            slot_of_row[rows[valid]] = offset + torch.arange(n * gl).view(n, gl)[valid]
+            mask = None if bool(valid.all()) else valid.view(n, 1, 1, gl).to(device)
+            groups.append(PadGroup(n, gl, mask))
+            offset += n * gl
+        g = torch.cat(gather)
+        return Segments(tuple(groups), g.to(device), slot_of_row.to(device), cu.to(device), L,
+                        cos[g].to(device), sin[g].to(device))
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,15 +292,20 @@ class VisionAttention(nn.Module):
             out = flash_attn_varlen_func(_rotate(q, cos, sin), _rotate(k, cos, sin), v, seg.cu_seqlens,
                                          seg.cu_seqlens, seg.max_len, seg.max_len)
             return self.proj(out.reshape(n, H * D))
-        if seg.gather is not None:  # partial segments: pad each to max_len
+        if seg.gather is not None:  # partial segments: pad each group to its longest
             qkv = qkv.index_select(0, seg.gather)
-        S, L = seg.num, seg.max_len
-        q, k, v = qkv.view(S * L, 3, H, D).unbind(1)
+        rows = qkv.shape[0]
+        q, k, v = qkv.view(rows, 3, H, D).unbind(1)
         cos, sin = seg.cos.unsqueeze(1), seg.sin.unsqueeze(1)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        q, k, v = (t.view(S, L, H, D).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask)  # [S, H, L, D]
-        out = out.transpose(1, 2).reshape(S * L, H * D)
+        outs, start = [], 0
+        for g in seg.groups:  # one group unless segment lengths differ widely (see pad_groups)
+            end = start + g.num * g.max_len
+            qg, kg, vg = (t[start:end].view(g.num, g.max_len, H, D).transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask)  # [num, H, max_len, D]
+            outs.append(out.transpose(1, 2).reshape(end - start, H * D))
+            start = end
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         if seg.scatter is not None:
             out = out.index_select(0, seg.scatter)
         return self.proj(out)

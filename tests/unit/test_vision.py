@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import vision_tower
 from engine.vision import VisionEncoder
-from engine.vision_tower import VisionConfig, build_grid_layout
+from engine.vision_tower import VisionConfig, build_grid_layout, pad_groups
 
 TOL = 1e-5
 
@@ -207,15 +207,32 @@ def test_forward_has_no_host_syncs(encoder, hf_model, hf_image_processor):
 
 
 def test_layouts_are_cached_per_grid_and_per_batch(encoder, hf_image_processor):
-    _, grid_thw, _ = processed(hf_image_processor, [(97, 301), (448, 448)])
+    _, grid_thw, per_image = processed(hf_image_processor, [(97, 301), (448, 448)])
     grids = [tuple(g) for g in grid_thw.tolist()]
     assert encoder.tower.grid_layout(grids[0]) is encoder.tower.grid_layout(grids[0])
     assert encoder.tower.plan(grids) is encoder.tower.plan(grids)
-    other = encoder.tower.plan(grids[::-1])
-    assert other is not encoder.tower.plan(grids)
-    # the reversed batch reuses the same per-grid tables
-    assert torch.equal(other.windows.cos[: encoder.tower.grid_layout(grids[1]).num_patches],
-                       encoder.tower.grid_layout(grids[1]).cos)
+    assert encoder.tower.plan(grids[::-1]) is not encoder.tower.plan(grids)
+    forward = encoder.encode(per_image, grids)
+    backward = encoder.encode(per_image[::-1], grids[::-1])
+    for a, b in zip(forward, backward[::-1]):
+        assert (a - b).abs().max().item() <= TOL
+
+
+def test_pad_groups_pad_alike_lengths_together():
+    assert pad_groups([64, 64, 64, 16]) == [[0, 1, 2, 3]]  # one image's windows: one call
+    assert pad_groups([256, 256]) == [[0, 1]]
+    assert pad_groups([3996, 1024, 1024]) == [[0], [1, 2]]  # very different images: no big padding
+    assert pad_groups([64, 1024, 64]) == [[1], [0, 2]]  # longest first
+    assert pad_groups([100, 90]) == [[0, 1]]
+
+
+def test_full_layers_of_a_mixed_batch_use_groups(encoder, hf_image_processor):
+    _, grid_thw, _ = processed(hf_image_processor, [(448, 448), (56, 56), (448, 448), (56, 56)])
+    batch = encoder.tower.plan([tuple(g) for g in grid_thw.tolist()])
+    # 3 x 1024^2 <= 1.5 x (2 x 1024^2 + 16^2): one small image rides along padded; the next does not fit
+    assert [(g.num, g.max_len) for g in batch.frames.groups] == [(3, 1024), (1, 16)]
+    assert batch.frames.groups[0].mask is not None and batch.frames.groups[1].mask is None
+    assert len(batch.windows.groups) == 1  # 4x4-patch image = one partial window, padded with the rest
 
 
 def test_window_layout_of_a_partial_grid(encoder):
