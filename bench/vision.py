@@ -214,11 +214,14 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cases", default="448,1024x768,mixed8", help="comma-separated: 448, 1024x768, mixed8")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--transfer", action="store_true")
     p.add_argument("--serve", action="store_true")
     p.add_argument("--serve-requests", type=int, default=32)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     report: dict = {"device": device_name(args.device), "torch": torch.__version__,
                     "transformers": transformers.__version__, "arch": args.arch, "dtype": str(dtype), "cases": {}}
@@ -228,7 +231,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours = build_towers(args.arch, args.device, dtype, Path(tmp))
         print(f"{'case':>9} {'patches':>8} {'HF ms':>9} {'vlora ms':>9} {'speedup':>8} {'max|diff|':>10}")
-        for name in args.cases.split(","):
+        for name in filter(None, args.cases.split(",")):
             r = time_towers(hf, ours, cases[name], args.device, dtype, args.repeats)
             report["cases"][name] = r
             print(f"{name:>9} {r['patches']:>8} {r['hf_ms']:>9.2f} {r['vlora_ms']:>9.2f} {r['speedup']:>7.2f}x "

@@ -270,7 +270,7 @@ class RMSNorm(nn.Module):
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [rows, heads, head_dim] rotated in fp32 (as HF does), back in x's dtype."""
+    """x [rows, ..., head_dim] rotated in fp32 (as HF does), back in x's dtype; q and k in one go."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
@@ -287,17 +287,16 @@ class VisionAttention(nn.Module):
         n, H, D = x.shape[0], self.num_heads, self.head_dim
         qkv = self.qkv(x)
         if flash_attn_varlen_func is not None and seg.gather is None and _use_flash(x):
-            q, k, v = qkv.view(n, 3, H, D).unbind(1)
-            cos, sin = seg.cos.unsqueeze(1), seg.sin.unsqueeze(1)
-            out = flash_attn_varlen_func(_rotate(q, cos, sin), _rotate(k, cos, sin), v, seg.cu_seqlens,
-                                         seg.cu_seqlens, seg.max_len, seg.max_len)
+            qkv = qkv.view(n, 3, H, D)
+            q, k = _rotate(qkv[:, :2], seg.cos.view(n, 1, 1, D), seg.sin.view(n, 1, 1, D)).unbind(1)
+            out = flash_attn_varlen_func(q, k, qkv[:, 2], seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len)
             return self.proj(out.reshape(n, H * D))
         if seg.gather is not None:  # partial segments: pad each group to its longest
             qkv = qkv.index_select(0, seg.gather)
         rows = qkv.shape[0]
-        q, k, v = qkv.view(rows, 3, H, D).unbind(1)
-        cos, sin = seg.cos.unsqueeze(1), seg.sin.unsqueeze(1)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        qkv = qkv.view(rows, 3, H, D)
+        q, k = _rotate(qkv[:, :2], seg.cos.view(rows, 1, 1, D), seg.sin.view(rows, 1, 1, D)).unbind(1)
+        v = qkv[:, 2]
         outs, start = [], 0
         for g in seg.groups:  # one group unless segment lengths differ widely (see pad_groups)
             end = start + g.num * g.max_len
@@ -378,7 +377,7 @@ class VisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor, batch: TowerBatch) -> torch.Tensor:
         """No host syncs: every size-dependent index was built by `plan`."""
-        x = self.patch_embed(pixels.index_select(0, batch.window_order))  # rows are independent: order first
+        x = self.patch_embed(pixels).index_select(0, batch.window_order)  # to window order
         for i, block in enumerate(self.blocks):
             x = block(x, batch.frames if i in self.full_attention else batch.windows)
         return self.merger(x).index_select(0, batch.unpermute)
