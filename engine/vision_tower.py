@@ -6,9 +6,9 @@ image sizes (window order, rotary angles, padding of partial windows, per-image 
 built on the host once per image grid (t, h, w), cached, and copied to the device once per batch
 (`TowerBatch`); the forward itself is a fixed sequence of device ops. Window layers attend over
 all windows of all images in one SDPA call (partial windows padded to the window size, keys
-masked); full layers over all images in one call when their sizes are alike (padded to the
-largest, keys masked), else in one call per group of alike sizes (`pad_groups`: padding a small
-image to a large one would cost more than the call it saves). Both equal HF's block-diagonal
+masked); full layers over all images in one call when they have one size, else one call per
+size (`pad_groups`: padding a small image to a large one costs more attention than the call it
+saves). Both equal HF's block-diagonal
 attention. With flash-attn importable (CUDA, half precision) both run packed through
 `flash_attn_varlen_func` in one call each, with no padding.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,11 @@ def build_grid_layout(cfg: VisionConfig, grid: Grid) -> GridLayout:
 
 
 # -- Segments: windows or images, padded (SDPA) or packed (flash-attn) ------------------------------
-PAD_BUDGET = 1.5  # a padded group may cost at most this much more attention (sum of L^2) than its segments
+# Full-attention layers: a padded group of images may cost at most this much more attention (sum of
+# L^2) than its images. 1.0 = only images of one size share a call: on CPU any padding of a
+# full-image attention cost more than the calls it saved (bench/vision.py, mixed batch). Windows
+# (at most window_size^2 patches each) are always padded into one call.
+FULL_PAD_BUDGET = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +162,7 @@ class PadGroup:
     mask: torch.Tensor | None  # [num, 1, 1, max_len] bool, real keys; None when no segment is padded
 
 
-def pad_groups(lengths: list[int], budget: float = PAD_BUDGET) -> list[list[int]]:
+def pad_groups(lengths: list[int], budget: float) -> list[list[int]]:
     """Segments (indices, longest first) grouped so padding each group to its longest segment costs at
     most `budget` x the group's own attention. Equal or near-equal lengths (windows of one image, images
     of one size) make one group, so one call; very different image sizes get a call each instead of
@@ -195,8 +200,8 @@ class Segments:
     sin: torch.Tensor
 
     @staticmethod
-    def build(lengths: list[int], cos: torch.Tensor, sin: torch.Tensor, packed: bool,
-              device: torch.device) -> "Segments":
+    def build(lengths: list[int], cos: torch.Tensor, sin: torch.Tensor, packed: bool, device: torch.device,
+              budget: float = math.inf) -> "Segments":
         lens = torch.tensor(lengths)
         cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
         L = max(lengths)
@@ -206,7 +211,7 @@ class Segments:
         starts = cu[:-1].long()
         groups, gather, slot_of_row = [], [], torch.empty(int(cu[-1]), dtype=torch.long)
         offset = 0
-        for members in pad_groups(lengths):
+        for members in pad_groups(lengths, budget):
             g_len = lens[members]
             n, gl = len(members), int(g_len.max())
             slot = torch.arange(gl)
@@ -250,7 +255,7 @@ class TowerBatch:
             grids=tuple(grids),
             window_order=torch.cat(orders).to(device),
             windows=Segments.build(windows, cos, sin, packed, device),
-            frames=Segments.build(frames, cos, sin, packed, device),
+            frames=Segments.build(frames, cos, sin, packed, device, FULL_PAD_BUDGET),
             unpermute=torch.cat(unperm).to(device),
             num_tokens=tuple(lay.num_patches // merge_unit for lay in layouts),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -219,19 +220,19 @@ def test_layouts_are_cached_per_grid_and_per_batch(encoder, hf_image_processor):
 
 
 def test_pad_groups_pad_alike_lengths_together():
-    assert pad_groups([64, 64, 64, 16]) == [[0, 1, 2, 3]]  # one image's windows: one call
-    assert pad_groups([256, 256]) == [[0, 1]]
-    assert pad_groups([3996, 1024, 1024]) == [[0], [1, 2]]  # very different images: no big padding
-    assert pad_groups([64, 1024, 64]) == [[1], [0, 2]]  # longest first
-    assert pad_groups([100, 90]) == [[0, 1]]
+    assert pad_groups([64, 64, 64, 16], math.inf) == [[0, 1, 2, 3]]  # windows: always one call
+    assert pad_groups([256, 256], 1.2) == [[0, 1]]
+    assert pad_groups([3996, 1024, 1024], 1.2) == [[0], [1, 2]]  # very different images: no big padding
+    assert pad_groups([64, 1024, 64], 1.2) == [[1], [0, 2]]  # longest first
+    assert pad_groups([100, 95], 1.2) == [[0, 1]] and pad_groups([100, 80], 1.2) == [[0], [1]]
+    assert pad_groups([1024, 1024, 16], 1.5) == [[0, 1, 2]]  # 3 x 1024^2 <= 1.5 x (2 x 1024^2 + 16^2)
 
 
 def test_full_layers_of_a_mixed_batch_use_groups(encoder, hf_image_processor):
     _, grid_thw, _ = processed(hf_image_processor, [(448, 448), (56, 56), (448, 448), (56, 56)])
     batch = encoder.tower.plan([tuple(g) for g in grid_thw.tolist()])
-    # 3 x 1024^2 <= 1.5 x (2 x 1024^2 + 16^2): one small image rides along padded; the next does not fit
-    assert [(g.num, g.max_len) for g in batch.frames.groups] == [(3, 1024), (1, 16)]
-    assert batch.frames.groups[0].mask is not None and batch.frames.groups[1].mask is None
+    assert [(g.num, g.max_len) for g in batch.frames.groups] == [(2, 1024), (2, 16)]
+    assert all(g.mask is None for g in batch.frames.groups)  # equal lengths in each group: no mask
     assert len(batch.windows.groups) == 1  # 4x4-patch image = one partial window, padded with the rest
 
 
