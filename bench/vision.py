@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
@@ -159,11 +160,13 @@ def time_transfer(out_hidden: int, device: str, dtype: torch.dtype, repeats: int
         return res
     if not ray.is_initialized():
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    msg = EncodedRequest(prompt, host)
-    res["ray_put_ms"] = med(lambda: ray.put(msg))
-    ref = ray.put(msg)
-    res["ray_get_ms"] = med(lambda: ray.get(ref))
-    got = ray.get(ref).image_embeds
+    # baseline: the tensor pickled as a torch tensor (how EncodedRequest travelled before it sent numpy)
+    for name, msg in (("torch_pickled", (prompt, host)), ("encoded_request", EncodedRequest(prompt, host))):
+        res[f"{name}_put_ms"] = med(lambda: ray.put(msg))
+        ref = ray.put(msg)
+        res[f"{name}_get_ms"] = med(lambda: ray.get(ref))
+    got = ray.get(ray.put(EncodedRequest(prompt, host))).image_embeds
+    res["encoded_request_equal_after_ray"] = bool(torch.equal(got, host))
     res["dtype_after_ray"] = str(got.dtype)
     return res
 
@@ -178,7 +181,20 @@ def time_serve(clients_list: list[int], n_requests: int) -> dict:
     from deployments.app import _deployment, prepare_config
     from deployments.preprocessor import Preprocessor
     from deployments.vision_encoder import VisionEncoderDeployment
-    from tests.unit.test_vision_batching import chat, data_url
+
+    def chat(seed: int) -> list[dict]:
+        """One user turn with a distinct 448x448 noise PNG (data URL) and a question."""
+        import base64
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(np.random.RandomState(seed).randint(0, 255, (448, 448, 3), dtype=np.uint8)).save(buf, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What is this?"}]}]
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -186,7 +202,7 @@ def time_serve(clients_list: list[int], n_requests: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         base = {"model_dir": f"{tmp}/tiny", "adapter_store_dir": f"{tmp}/store", "vision_cache_mb": 0}
         pre = Preprocessor(prepare_config(base))
-        reqs = [asyncio.run(pre.prepare_chat(chat(data_url(i, 448, 448)))) for i in range(n_requests)]
+        reqs = [asyncio.run(pre.prepare_chat(chat(i))) for i in range(n_requests)]
         for max_batch in (1, 8):
             config = prepare_config({**base, "vision_encoder": {"max_batch_size": max_batch, "num_cpus": 0.5}})
             app = _deployment(VisionEncoderDeployment, "VisionEncoder", config.vision_encoder).bind(config)
@@ -195,8 +211,9 @@ def time_serve(clients_list: list[int], n_requests: int) -> dict:
             for clients in clients_list:
                 before = handle.stats.remote().result()
                 t0 = time.perf_counter()
-                for start in range(0, n_requests, clients):  # `clients` requests in flight at a time
-                    [r.result() for r in [handle.encode.remote(q) for q in reqs[start:start + clients]]]
+                with ThreadPoolExecutor(clients) as pool:  # each client sends its next request when one returns
+                    list(pool.map(lambda c: [handle.encode.remote(q).result() for q in reqs[c::clients]],
+                                  range(clients)))
                 seconds = time.perf_counter() - t0
                 after = handle.stats.remote().result()
                 out[f"max_batch_{max_batch}_clients_{clients}"] = {

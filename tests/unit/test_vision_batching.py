@@ -113,3 +113,21 @@ def test_text_only_request_skips_the_tower(config, pre):
     req = asyncio.run(pre.prepare_chat([{"role": "user", "content": "hello"}]))
     enc = asyncio.run(vis.encode(req))
     assert enc.image_embeds is None and vis.encoder.num_forwards == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_embeddings_travel_as_numpy_and_arrive_unchanged(pre, dtype):
+    """Ray reads numpy out of its object store without a copy; the Decoder gets the same dtype and values."""
+    import pickle
+
+    from deployments.messages import EncodedRequest
+
+    req = prepare(pre, data_url(30, 64, 64))
+    emb = torch.randn(16, 64).to(dtype)
+    msg = EncodedRequest(req.prompt, emb)
+    _, (prompt, (dtype_name, array)) = msg.__reduce__()
+    assert isinstance(array, np.ndarray) and array.nbytes == emb.numel() * emb.element_size()
+    got = pickle.loads(pickle.dumps(msg, protocol=5))
+    assert got.image_embeds.dtype == dtype and torch.equal(got.image_embeds, emb)
+    assert got.prompt.token_ids == req.prompt.token_ids
+    assert pickle.loads(pickle.dumps(EncodedRequest(req.prompt, None))).image_embeds is None
