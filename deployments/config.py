@@ -24,6 +24,17 @@ class ReplicaConfig(_Strict):
         10.0, gt=0, description="how often Serve runs each replica's health check (a failed one is replaced)")
 
 
+class VisionEncoderConfig(ReplicaConfig):
+    max_batch_size: int = Field(
+        8, ge=1, description="requests (Serve @serve.batch) whose images are encoded together in one tower forward")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="how long a request waits for others to join its batch; 0 = take only those already "
+                               "queued (requests arriving during a forward join the next one)")
+    max_batch_patches: int = Field(
+        32768, ge=1, description="patches per tower forward (a 448x448 image has 1024); a batch over this runs as "
+                                 "several forwards, an image over it alone")
+
+
 class EngineLimits(_Strict):
     max_num_seqs: int = Field(64, ge=1, description="sequences decoded together in one step")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens (prefill chunks + decodes) per step")
@@ -102,7 +113,7 @@ class AppConfig(_Strict):
     adapter_load_dirs: list[str] = Field(
         default_factory=list, description="directories POST /v1/adapters may load PEFT folders from")
     preprocessor: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(num_replicas=2))
-    vision_encoder: ReplicaConfig = Field(default_factory=ReplicaConfig)
+    vision_encoder: VisionEncoderConfig = Field(default_factory=VisionEncoderConfig)
     decoder: ReplicaConfig = Field(default_factory=ReplicaConfig)
     ingress: ReplicaConfig = Field(default_factory=ReplicaConfig)
     trainer: ReplicaConfig = Field(default_factory=ReplicaConfig, description="online learning (one replica)")

@@ -232,8 +232,10 @@ class VisionMetrics:
         self.bytes = _gauge("vision_cache_bytes", "Bytes of embeddings held in the cache")
         self.capacity = _gauge("vision_cache_capacity_bytes", "The cache's byte budget (vision_cache_mb)")
         self.entries = _gauge("vision_cache_entries", "Images in the cache")
-        self.encode = _histogram("vision_encode_seconds", "Vision tower time per request with cache misses",
+        self.encode = _histogram("vision_encode_seconds", "Vision tower time per forward (a batch of cache misses)",
                                  STAGE_BUCKETS)
+        self.batch_requests = _histogram("vision_batch_requests", "Requests encoded together in one batch",
+                                         [1, 2, 4, 8, 16, 32, 64])
         for c in (self.hits, self.misses, self.evictions):
             c.zero()
 

@@ -1,16 +1,21 @@
-"""VisionEncoder against HF's own image features, batched and one image at a time."""
+"""Our vision tower (engine/vision_tower.py) against HF's own image features, batched and alone."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from engine import vision_tower
 from engine.vision import VisionEncoder
+from engine.vision_tower import VisionConfig, build_grid_layout, pad_groups
 
 TOL = 1e-5
 
@@ -44,11 +49,39 @@ def assert_close(ours: list[torch.Tensor], ref: list[torch.Tensor], grids, hidde
         assert (emb - expected).abs().max().item() <= TOL
 
 
-def test_one_image_matches_hf(encoder, hf_model, hf_image_processor):
-    pixel_values, grid_thw, per_image = processed(hf_image_processor, [(100, 150)])
+def hidden_size(hf_model) -> int:
+    return hf_model.config.text_config.hidden_size
+
+
+# (height, width) in pixels: square, wide, tall, odd-sized; 97x301 and 333x57 give merged grids
+# that do not divide into whole 4x4 windows (partial windows on the right and bottom edges).
+SHAPES = {
+    "square_448": [(448, 448)],
+    "wide": [(112, 560)],
+    "tall": [(560, 112)],
+    "odd": [(100, 150)],
+    "partial_windows_97x301": [(97, 301)],
+    "partial_windows_333x57": [(333, 57)],
+    "one_window_56x56": [(56, 56)],
+}
+
+
+@pytest.mark.parametrize("sizes", list(SHAPES.values()), ids=list(SHAPES))
+def test_one_image_matches_hf(encoder, hf_model, hf_image_processor, sizes):
+    pixel_values, grid_thw, per_image = processed(hf_image_processor, sizes)
     grids = [tuple(g) for g in grid_thw.tolist()]
     ours = encoder.encode(per_image, grids)
-    assert_close(ours, hf_features(hf_model, pixel_values, grid_thw), grids, hf_model.config.text_config.hidden_size)
+    assert_close(ours, hf_features(hf_model, pixel_values, grid_thw), grids, hidden_size(hf_model))
+
+
+def test_partial_window_grids_really_have_partial_windows(encoder, hf_image_processor):
+    """The odd sizes above must exercise padding: some windows hold fewer than 4x4 merged patches."""
+    for sizes in (SHAPES["partial_windows_97x301"], SHAPES["partial_windows_333x57"]):
+        _, grid_thw, _ = processed(hf_image_processor, sizes)
+        layout = encoder.tower.grid_layout(tuple(grid_thw[0].tolist()))
+        full = (encoder.cfg.window_size // encoder.cfg.patch_size) ** 2  # 8x8 patches
+        assert min(layout.window_lengths) < full and max(layout.window_lengths) <= full
+        assert sum(layout.window_lengths) == layout.num_patches
 
 
 def test_three_images_in_one_call_match_hf(encoder, hf_model, hf_image_processor):
@@ -56,7 +89,25 @@ def test_three_images_in_one_call_match_hf(encoder, hf_model, hf_image_processor
     grids = [tuple(g) for g in grid_thw.tolist()]
     assert len(set(grids)) == 3
     ours = encoder.encode(per_image, grids)
-    assert_close(ours, hf_features(hf_model, pixel_values, grid_thw), grids, hf_model.config.text_config.hidden_size)
+    assert_close(ours, hf_features(hf_model, pixel_values, grid_thw), grids, hidden_size(hf_model))
+
+
+def test_mixed_batch_with_partial_windows_matches_hf(encoder, hf_model, hf_image_processor):
+    """Six sizes in one forward: windows and images of different lengths, padded in the same call."""
+    sizes = [(97, 301), (448, 448), (333, 57), (56, 56), (112, 560), (100, 150)]
+    pixel_values, grid_thw, per_image = processed(hf_image_processor, sizes)
+    grids = [tuple(g) for g in grid_thw.tolist()]
+    ours = encoder.encode(per_image, grids)
+    assert_close(ours, hf_features(hf_model, pixel_values, grid_thw), grids, hidden_size(hf_model))
+
+
+def test_same_grid_twice_in_one_batch_matches_hf(encoder, hf_model, hf_image_processor):
+    """Equal-sized images take the unpadded path for full attention (no mask)."""
+    pixel_values, grid_thw, per_image = processed(hf_image_processor, [(224, 224), (224, 224)])
+    grids = [tuple(g) for g in grid_thw.tolist()]
+    ours = encoder.encode(per_image, grids)
+    assert not torch.equal(ours[0], ours[1])
+    assert_close(ours, hf_features(hf_model, pixel_values, grid_thw), grids, hidden_size(hf_model))
 
 
 def test_batched_equals_one_at_a_time(encoder, hf_image_processor):
@@ -69,10 +120,11 @@ def test_batched_equals_one_at_a_time(encoder, hf_image_processor):
 
 
 def test_holds_only_the_vision_tower(encoder, hf_model):
-    ours = sum(p.numel() for p in encoder.visual.parameters())
+    ours = sum(p.numel() for p in encoder.tower.parameters())
     assert ours == sum(p.numel() for p in hf_model.model.visual.parameters())
     assert ours < sum(p.numel() for p in hf_model.parameters())
-    assert encoder.visual.config._attn_implementation == "sdpa"
+    # qkv stays one merged projection, as in the checkpoint
+    assert encoder.tower.blocks[0].attn.qkv.weight.shape == (3 * encoder.cfg.hidden_size, encoder.cfg.hidden_size)
 
 
 @pytest.mark.parametrize("vision_prefix", ["model.visual.", "visual."])
@@ -104,3 +156,138 @@ def test_rejects_pixels_that_do_not_match_the_grid(encoder):
     with pytest.raises(ValueError, match="1 pixel tensors but 2 grids"):
         encoder.encode([torch.zeros(16, 1176)], [(1, 4, 4), (1, 4, 4)])
     assert encoder.encode([], []) == []
+
+
+# -- no host syncs inside the forward ------------------------------------------------------------
+SYNC_OPS = {"item", "_local_scalar_dense", "nonzero", "masked_select", "tolist", "is_nonzero", "__bool__",
+            "__int__", "__float__", "__index__", "unique_consecutive", "repeat_interleave"}
+
+
+class RecordSyncs(TorchFunctionMode):
+    """Names of host-syncing tensor calls (Python level: .tolist(), .item(), bool(t), ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in SYNC_OPS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class RecordSyncOps(TorchDispatchMode):
+    """Names of host-syncing aten ops (what .item() / boolean indexing become below Python)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNC_OPS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def syncs_during(fn) -> list[str]:
+    with RecordSyncs() as f, RecordSyncOps() as d:
+        fn()
+    return f.seen + d.seen
+
+
+def test_forward_has_no_host_syncs(encoder, hf_model, hf_image_processor):
+    pixel_values, grid_thw, per_image = processed(hf_image_processor, [(97, 301), (448, 448), (56, 56)])
+    grids = [tuple(g) for g in grid_thw.tolist()]
+    batch = encoder.tower.plan(grids)  # the per-grid metadata: built on the host, before the forward
+    with torch.inference_mode():
+        assert syncs_during(lambda: encoder.tower(pixel_values, batch)) == []
+        # the detector is not vacuous: HF's tower reads window sizes back to the host
+        assert "tolist" in syncs_during(lambda: hf_model.model.visual(pixel_values, grid_thw=grid_thw))
+
+
+def test_layouts_are_cached_per_grid_and_per_batch(encoder, hf_image_processor):
+    _, grid_thw, per_image = processed(hf_image_processor, [(97, 301), (448, 448)])
+    grids = [tuple(g) for g in grid_thw.tolist()]
+    assert encoder.tower.grid_layout(grids[0]) is encoder.tower.grid_layout(grids[0])
+    assert encoder.tower.plan(grids) is encoder.tower.plan(grids)
+    assert encoder.tower.plan(grids[::-1]) is not encoder.tower.plan(grids)
+    forward = encoder.encode(per_image, grids)
+    backward = encoder.encode(per_image[::-1], grids[::-1])
+    for a, b in zip(forward, backward[::-1]):
+        assert (a - b).abs().max().item() <= TOL
+
+
+def test_pad_groups_pad_alike_lengths_together():
+    assert pad_groups([64, 64, 64, 16], math.inf) == [[0, 1, 2, 3]]  # windows: always one call
+    assert pad_groups([256, 256], 1.2) == [[0, 1]]
+    assert pad_groups([3996, 1024, 1024], 1.2) == [[0], [1, 2]]  # very different images: no big padding
+    assert pad_groups([64, 1024, 64], 1.2) == [[1], [0, 2]]  # longest first
+    assert pad_groups([100, 95], 1.2) == [[0, 1]] and pad_groups([100, 80], 1.2) == [[0], [1]]
+    assert pad_groups([1024, 1024, 16], 1.5) == [[0, 1, 2]]  # 3 x 1024^2 <= 1.5 x (2 x 1024^2 + 16^2)
+
+
+def test_full_layers_of_a_mixed_batch_use_groups(encoder, hf_image_processor):
+    _, grid_thw, _ = processed(hf_image_processor, [(448, 448), (56, 56), (448, 448), (56, 56)])
+    batch = encoder.tower.plan([tuple(g) for g in grid_thw.tolist()])
+    assert [(g.num, g.max_len) for g in batch.frames.groups] == [(2, 1024), (2, 16)]
+    assert all(g.mask is None for g in batch.frames.groups)  # equal lengths in each group: no mask
+    assert len(batch.windows.groups) == 1  # 4x4-patch image = one partial window, padded with the rest
+
+
+def test_window_layout_of_a_partial_grid(encoder):
+    """10x14 patches = 5x7 merged units; 4x4-unit windows -> 2x2 windows of 16, 12, 4, 3 units."""
+    layout = build_grid_layout(encoder.cfg, (1, 10, 14))
+    assert layout.window_lengths == (64, 48, 16, 12)
+    # the first window holds merged rows 0..3 x cols 0..3, row-major; each merged unit's 4 patches stay together
+    first_units = layout.window_order[:64].view(16, 4)[:, 0] // 4
+    assert first_units.tolist() == [r * 7 + c for r in range(4) for c in range(4)]
+    assert sorted(layout.window_order.tolist()) == list(range(140))
+    assert torch.equal(layout.window_order.view(-1, 4)[layout.unpermute, 0] // 4, torch.arange(35))
+
+
+def test_packed_flash_path_matches_the_padded_path(encoder, hf_image_processor, monkeypatch):
+    """The flash-attn branch (CUDA + half precision) fed by a stand-in that has flash_attn_varlen_func's
+    contract, computed per segment with SDPA: cu_seqlens, max_seqlen and the packed layout are right."""
+    _, grid_thw, per_image = processed(hf_image_processor, [(97, 301), (448, 448), (333, 57)])
+    grids = [tuple(g) for g in grid_thw.tolist()]
+    expected = encoder.encode(per_image, grids)
+    calls = []
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+        calls.append((cu_q.dtype, max_q))
+        assert torch.equal(cu_q, cu_k) and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+        out = torch.empty_like(q)
+        bounds = cu_q.tolist()
+        for a, b in zip(bounds, bounds[1:]):
+            out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                *(t[a:b].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+        return out
+
+    monkeypatch.setattr(vision_tower, "flash_attn_varlen_func", varlen)
+    monkeypatch.setattr(vision_tower, "_use_flash", lambda x: True)
+    packed = encoder.encode(per_image, grids)
+    assert len(calls) == encoder.cfg.depth and all(dtype == torch.int32 for dtype, _ in calls)
+    for a, b in zip(packed, expected):
+        assert (a - b).abs().max().item() <= TOL
+
+
+def test_rejects_grids_that_do_not_merge(encoder):
+    with pytest.raises(ValueError, match=r"grid \(1, 4, 5\) height and width must be multiples of 2"):
+        encoder.encode([torch.zeros(20, 1176)], [(1, 4, 5)])
+
+
+def test_rejects_weights_of_another_shape(tiny_model_dir):
+    from engine.vision import load_vision_state_dict
+    from engine.vision_tower import VisionTower
+
+    cfg = VisionConfig.from_pretrained(tiny_model_dir)
+    state = load_vision_state_dict(tiny_model_dir)
+    tower = VisionTower(cfg)
+    with pytest.raises(ValueError, match=r"missing \['blocks.0.gate_up.bias'"):
+        tower.load_checkpoint_state({k: v for k, v in state.items() if k != "blocks.0.mlp.up_proj.bias"})
+    with pytest.raises(ValueError, match=r"unexpected \['blocks.99.norm1.weight'\]"):
+        tower.load_checkpoint_state({**state, "blocks.99.norm1.weight": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"vision weight merger.fc2.weight: shape"):
+        tower.load_checkpoint_state({**state, "merger.mlp.2.weight": torch.ones(3, 3)})
