@@ -5,6 +5,7 @@
 #   2. bench/engine.py --arch-7b with CUDA graphs on (HF/PEFT baseline in the same run) and off
 #      (--enforce-eager): decode batch 1/16/64, 8-adapter mixed batch, image TTFT
 #   3. bench/hotpath.py on the GPU: arrival step, aten ops per decode step, sampler
+#   4. bench/vision.py --arch 7b: our vision tower vs HF's, and the embedding transfer
 # Without CUDA it is a dry run: the same scripts in float32 on the CPU with small sizes, and the
 # CUDA-only parts reported as skipped. Exit status: 0 if every step that ran passed.
 #   bash bench/gpu_check.sh            # on the GPU machine: run from the project root
@@ -52,6 +53,7 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   run engine_7b_eager 300 "$PY" bench/engine.py --arch-7b --repeats 2 --enforce-eager --no-hf \
     --json "$OUT_DIR/engine_7b_eager.json"
   run hotpath_cuda 180 "$PY" bench/hotpath.py --device cuda --no-baseline --json "$OUT_DIR/hotpath_cuda.json"
+  run vision_7b 300 "$PY" bench/vision.py --arch 7b --repeats 5 --transfer --json "$OUT_DIR/vision_7b.json"
 else
   echo "no CUDA device: dry run on the CPU (float32, small sizes)"
   run parity_fp32_cpu 600 "$PY" bench/gpu_parity.py --device cpu --dtype float32 --tokens 8 \
@@ -59,6 +61,7 @@ else
   run engine_quick_cpu 600 "$PY" bench/engine.py --quick --no-hf --threads 1 --json "$OUT_DIR/engine_quick_cpu.json"
   run engine_quick_cpu_eager 600 "$PY" bench/engine.py --quick --no-hf --threads 1 --enforce-eager \
     --json "$OUT_DIR/engine_quick_cpu_eager.json"
+  run vision_quick_cpu 300 "$PY" bench/vision.py --cases 448 --repeats 1 --json "$OUT_DIR/vision_quick_cpu.json"
   echo "skipped (needs CUDA): parity in bf16, bench/engine.py --arch-7b with graphs on/off, hotpath on the GPU"
 fi
 echo "results in $OUT_DIR; overall exit $status"
