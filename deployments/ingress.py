@@ -1,7 +1,9 @@
 """Ingress deployment: the OpenAI-compatible HTTP API (FastAPI), auth, SSE streaming.
 
-It never touches pixels or embeddings: it hands the Preprocessor's response (a Ray object) to
-the VisionEncoder and that one's to the Decoder, then relays the Decoder's stream.
+It never touches pixels or embeddings. A text-only prompt is tokenized here and goes straight to
+the Decoder; a prompt with images goes Preprocessor -> VisionEncoder -> Decoder, each response
+handed on unawaited (deployments/prompt_routes.py). A streamed request relays the Decoder's
+batched items as SSE chunks; a non-streamed one makes one unary Decoder call.
 """
 
 
@@ -21,6 +23,7 @@ from ray.serve.exceptions import BackPressureError
 from deployments.config import AppConfig
 from deployments.errors import find_api_error
 from deployments.metrics import IngressMetrics, RequestRecord, get_logger
+from deployments.prompt_routes import PromptRoutes
 from deployments.openai_api import (
     SSE_DONE,
     ApiError,
@@ -52,13 +55,8 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.to_json(), status_code=exc.status, headers=exc.headers())
 
 
-def _has_images(messages: list[dict]) -> bool:
-    return any(isinstance(m.get("content"), list) and any(
-        isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"]) for m in messages)
-
-
 class _Accumulator:
-    """Collects a request's streamed deltas into whole choices for a non-streaming response."""
+    """Collects a request's deltas into whole choices for a non-streaming response."""
 
     def __init__(self, n: int):
         self.text = [""] * n
@@ -90,8 +88,6 @@ def _chunk_diagnostics(deltas) -> dict[int, list[dict]]:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: AppConfig, preprocessor, vision_encoder, decoder, trainer, store):
-        from transformers import AutoTokenizer
-
         self.config = config
         self.preprocessor = preprocessor
         self.vision = vision_encoder
@@ -102,7 +98,8 @@ class Ingress:
         self.api_keys = config.keys("api")
         self.admin_keys = config.keys("admin")
         self.created = int(time.time())
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+        self.prompts = PromptRoutes(config.model_dir, preprocessor, vision_encoder)
+        self.tokenizer = self.prompts.tokenizer  # logprobs only: token texts
         self.metrics = IngressMetrics()
         self._served: set[str] = {self.model_name}  # models seen served: safe metric labels for later errors
 
@@ -145,11 +142,6 @@ class Ingress:
             return model.model_validate(body)
         except ValidationError as e:
             raise validation_error_to_api_error(e) from None
-
-    def _chat_source(self, messages: list[dict]):
-        """Preprocess (and, with images, encode) chat messages; a Ray response, never awaited here."""
-        prep = self.preprocessor.prepare_chat.remote(messages)
-        return self.vision.encode.remote(prep) if _has_images(messages) else prep
 
     def _adapter_for(self, model: str) -> str | None:
         return None if model == self.model_name else model
@@ -194,14 +186,19 @@ class Ingress:
             if not rec.stream or rec.status is not None:  # a started stream ends (and records) in its body
                 self._finish(rec)
 
-    async def _start(self, rec: RequestRecord, source, sampling, adapter, explicit: bool, optimal=None,
-                     teacher=None):
-        """Start the Decoder stream; await its first output so errors become 4xx before any byte is sent."""
+    async def _generate(self, rec: RequestRecord, stream: bool, source, sampling, adapter, explicit: bool,
+                        optimal=None, teacher=None):
+        """Call the Decoder. Streamed: (generator, first output), the first awaited so errors become
+        4xx before any byte is sent. Not streamed: (None, the whole output) from one unary call."""
         rid = rec.request_id
-        gen = self.decoder.options(stream=True).generate.remote(
-            source, sampling, adapter, rid, explicit, optimal.to_params() if optimal else None, teacher)
+        args = (source, sampling, adapter, rid, explicit, optimal.to_params() if optimal else None, teacher)
+        gen = None
         try:
-            first = await gen.__anext__()
+            if stream:
+                gen = self.decoder.options(stream=True).generate.remote(*args)
+                out = await gen.__anext__()
+            else:
+                out = await self.decoder.complete.remote(*args)
         except StopAsyncIteration:
             raise ApiError(500, "the decoder returned no output", type="server_error") from None
         except BackPressureError:
@@ -213,8 +210,8 @@ class Ingress:
                 log.exception("request %s failed", rid)
                 raise ApiError(500, f"internal error: {type(exc).__name__}", type="server_error") from None
             raise api from None
-        self._served_by(rec, first)
-        return rid, gen, first
+        self._served_by(rec, out)
+        return gen, out
 
     def _headers(self, rid: str, out: RequestOutput) -> dict:
         h = {"x-request-id": rid}
@@ -247,25 +244,24 @@ class Ingress:
         self._resolve(rec, req.model, bool(req.stream))
         sampling = req.to_sampling_params(self.config.default_max_tokens)
         explicit = req.max_completion_tokens is not None or req.max_tokens is not None
-        source = self._chat_source(req.messages)
+        source = self.prompts.chat(req.messages)
         opt = req.optimal_sampling
-        teacher = self._chat_source(opt.teacher_messages) if opt and opt.teacher_messages else None
-        rid, gen, first = await self._start(rec, source, sampling, self._adapter_for(req.model), explicit,
-                                            opt, teacher)
-        return await self._respond(rec, req, sampling, rid, gen, first, "chatcmpl", self._chat_stream,
-                                   chat_completion_response)
+        teacher = self.prompts.chat(opt.teacher_messages) if opt and opt.teacher_messages else None
+        gen, first = await self._generate(rec, bool(req.stream), source, sampling, self._adapter_for(req.model),
+                                          explicit, opt, teacher)
+        return self._respond(rec, req, sampling, gen, first, "chatcmpl", self._chat_stream, chat_completion_response)
 
-    async def _respond(self, rec: RequestRecord, req, sampling, rid: str, gen, first: RequestOutput, prefix: str,
-                       stream, build):
-        """What both completion routes share: headers, then an SSE stream or one JSON body."""
+    def _respond(self, rec: RequestRecord, req, sampling, gen, first: RequestOutput, prefix: str, stream, build):
+        """What both completion routes share: headers, then an SSE stream or one JSON body (from the
+        unary call's one output)."""
+        rid = rec.request_id
         headers = self._headers(rid, first)
         cid, created, extra = f"{prefix}-{rid}", int(time.time()), self._extra(first)
         if req.stream:
             return StreamingResponse(stream(first, gen, cid, created, req, req.include_usage, extra, rec),
                                      media_type="text/event-stream", headers=headers)
         acc = _Accumulator(sampling.n)
-        async for out in self._rest(first, gen, rec):
-            acc.add(out)
+        acc.add(first)
         fp = extra.pop("system_fingerprint")
         body = build(cid, req.model, created, acc.text, acc.finish, acc.logprobs if sampling.logprobs else None,
                      (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
@@ -327,13 +323,12 @@ class Ingress:
         sampling = req.to_sampling_params(self.config.default_max_tokens)
         explicit = req.max_tokens is not None
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        prep = self.preprocessor.prepare_text.remote(prompt)
+        prep = self.prompts.text(prompt)
         opt = req.optimal_sampling
-        teacher = self.preprocessor.prepare_text.remote(opt.teacher_prompt) if opt and opt.teacher_prompt else None
-        rid, gen, first = await self._start(rec, prep, sampling, self._adapter_for(req.model), explicit,
-                                            opt, teacher)
-        return await self._respond(rec, req, sampling, rid, gen, first, "cmpl", self._completion_stream,
-                                   completion_response)
+        teacher = self.prompts.text(opt.teacher_prompt) if opt and opt.teacher_prompt else None
+        gen, first = await self._generate(rec, bool(req.stream), prep, sampling, self._adapter_for(req.model),
+                                          explicit, opt, teacher)
+        return self._respond(rec, req, sampling, gen, first, "cmpl", self._completion_stream, completion_response)
 
     async def _completion_stream(self, first, gen, cid, created, req, include_usage, extra,
                                  rec: RequestRecord) -> AsyncIterator[bytes]:
@@ -348,8 +343,10 @@ class Ingress:
                     chunk = completion_chunk(cid, req.model, created, deltas, self._token_text,
                                              text_offsets=offsets, extra=extra, system_fingerprint=fp)
                     yield sse(attach_diagnostics(chunk, _chunk_diagnostics(deltas), summary=False))
-                    for c in deltas:
-                        offsets[c.index] = offsets.get(c.index, 0) + len(c.text)
+                    for c in deltas:  # legacy text_offset counts each token's own text, as the unary answer does
+                        if c.logprobs:
+                            offsets[c.index] = offsets.get(c.index, 0) + sum(
+                                len(self._token_text(lp.token_id)) for lp in c.logprobs)
             rec.status = 200
             if include_usage:
                 yield sse(completion_chunk(cid, req.model, created, [], usage=(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -29,6 +30,7 @@ from engine.lora_manager import LoRAManager
 from engine.model import QwenTextModel
 from engine.model_runner import ModelRunner
 from engine.optimal_sampling import OptimalSampler, OptimalSamplingParams
+from engine.output_stream import OutputStream, merge_outputs
 from engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
 from engine.sampling import RowState, Sampler, SamplingParams
 from engine.scheduler import Scheduler
@@ -331,12 +333,15 @@ class AsyncEngine:
 
     All engine calls happen on the engine thread (between steps), so adapter swaps and aborts
     never race a forward pass. A client that stops iterating (disconnect) aborts its request.
+    Outputs reach the consumer in batches (engine/output_stream.py): the first at once, then at
+    most one per `stream_interval_s`, or at once when the request finishes.
     """
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, stream_interval_s: float = 0.0):
         self.engine = engine
+        self.stream_interval_s = stream_interval_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="vlora-engine", daemon=True)
         self._thread.start()
@@ -352,24 +357,35 @@ class AsyncEngine:
 
     async def generate(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
                        image_embeds: torch.Tensor | None = None, request_id: str | None = None,
-                       **optimal: Any) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; `optimal` takes add_request's optimal-sampling keywords."""
+                       stream_interval_s: float | None = None, **optimal: Any) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs, each one merging every step since the previous one.
+
+        `stream_interval_s` overrides the engine-wide interval (0: one output per step);
+        `optimal` takes add_request's optimal-sampling keywords.
+        """
         rid = request_id or uuid.uuid4().hex
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = (asyncio.get_running_loop(), q)
+        interval = self.stream_interval_s if stream_interval_s is None else stream_interval_s
+        stream = OutputStream(asyncio.get_running_loop(), interval)
+        self._streams[rid] = stream
         finished = False
         try:
             await self.run(lambda e: e.add_request(prompt, sampling, adapter, image_embeds, rid, **optimal))
             while not finished:
-                out = await q.get()
-                if isinstance(out, BaseException):
-                    raise out
+                out = await stream.next_batch()
                 finished = out.finished
                 yield out
         finally:
             self._streams.pop(rid, None)
             if not finished:
                 self.call(lambda e: e.abort(rid))
+
+    async def complete(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
+                       image_embeds: torch.Tensor | None = None, request_id: str | None = None,
+                       **optimal: Any) -> RequestOutput:
+        """Run a request to the end; its whole output as one RequestOutput (non-streaming callers)."""
+        outs = [out async for out in self.generate(prompt, sampling, adapter, image_embeds, request_id,
+                                                   stream_interval_s=math.inf, **optimal)]
+        return merge_outputs(outs)
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -393,8 +409,7 @@ class AsyncEngine:
     def _deliver(self, rid: str, item: Any) -> None:
         stream = self._streams.get(rid)
         if stream is not None:
-            loop, q = stream
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            stream.put(item)
 
     def _loop(self) -> None:
         while not self._stopped:
