@@ -177,6 +177,7 @@ class Decoder:
                 "resident_adapters": e.loras.resident,
                 "adapter_swaps": e.loras.num_swaps,
                 "store_seq": self.sync.seq if self.sync else None,
+                "engine_loop": dict(self.engine.loop_stats),
             }
 
         return await self.engine.run(read)

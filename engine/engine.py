@@ -343,6 +343,8 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, OutputStream] = {}
         self._stopped = False
+        # The loop's own account (engine thread only): steps run, their wall time, requests reported.
+        self.loop_stats = {"steps": 0, "step_s": 0.0, "outputs": 0}
         self._thread = threading.Thread(target=self._loop, name="vlora-engine", daemon=True)
         self._thread.start()
 
@@ -417,7 +419,12 @@ class AsyncEngine:
             if not self.engine.has_unfinished():
                 continue
             try:
+                t0 = time.perf_counter()
                 outputs = self.engine.step()
+                st = self.loop_stats
+                st["steps"] += 1
+                st["step_s"] += time.perf_counter() - t0
+                st["outputs"] += len(outputs)
             except Exception as exc:  # a bug must not wedge every client: fail the running requests
                 log.exception("engine step failed; aborting running requests")
                 for rid in list(self.engine.requests):
