@@ -438,6 +438,8 @@ def main(argv=None) -> None:
             R["before_ref"], R["before_commit"] = a.before, before_tree(a.before, Path(d))
             R["before"] = run_phase(Path(d), "before", a.quick, a.levels, a.tokens, R["after"]["pace"])
     R["total_s"] = time.perf_counter() - t0
+    if a.json:  # the measurements first: a report that fails loses nothing
+        Path(a.json).write_text(json.dumps(R, indent=1, default=str))
     R["report"] = report(R)
     print("\n" + R["report"] + f"\n\ntotal {R['total_s']:.0f} s")
     if a.json:
