@@ -53,7 +53,8 @@ class OutputStream:
         self._lock = threading.Lock()
         self._items: list[RequestOutput | BaseException] = []
         self._closing = False  # a finished output or an error is queued: release at once
-        # loop.time() (monotonic) from which the next batch may go: the first goes at once, unless
+        # time.monotonic() from which the next batch may go (one clock on both threads; an event loop's
+        # own clock may differ, e.g. uvloop's): the first goes at once, unless
         # the interval is infinite (one batch at the end: a non-streaming caller).
         self._due = 0.0 if math.isfinite(interval_s) else math.inf
         self._waiter: asyncio.Future | None = None
@@ -72,27 +73,31 @@ class OutputStream:
         self.loop.call_soon_threadsafe(_wake, fut)
 
     # -- consumer (event loop) -------------------------------------------------------------------
-    def _take(self) -> list | None:
+    def _take(self, due: bool = False) -> list | None:
         """Everything queued, if a batch is due now (else None, and the caller waits)."""
-        if self._items and (self._closing or self.loop.time() >= self._due):
+        if self._items and (due or self._closing or time.monotonic() >= self._due):
             items, self._items = self._items, []
             return items
         return None
 
     async def next_batch(self) -> RequestOutput:
         """The outputs since the last batch, merged; raises the engine's error if one came."""
+        due = False
         while True:
             with self._lock:
-                items = self._take()
+                items = self._take(due)
                 if items is None:
                     fut = self._waiter = self.loop.create_future()
                     pending = bool(self._items)
             if items is not None:
                 break
             # Items that arrived before the batch was due: wake at the due time even if no step ends then.
-            timer = self.loop.call_at(self._due, _wake, fut) if pending and math.isfinite(self._due) else None
+            # (A timer may fire a little before the due time on the loop's clock, e.g. uvloop's whole
+            # milliseconds: its firing is what makes the batch due, so the loop never spins on it.)
+            timer = (self.loop.call_later(max(0.0, self._due - time.monotonic()), _wake, fut, True)
+                     if pending and math.isfinite(self._due) else None)
             try:
-                await fut
+                due = bool(await fut)
             finally:
                 if timer is not None:
                     timer.cancel()
@@ -103,10 +108,11 @@ class OutputStream:
         if errors:
             raise errors[0]
         if self.interval_s > 0 and math.isfinite(self._due):
-            self._due = self.loop.time() + self.interval_s
+            self._due = time.monotonic() + self.interval_s
         return merge_outputs(items)
 
 
-def _wake(fut: asyncio.Future) -> None:
+def _wake(fut: asyncio.Future, due: bool = False) -> None:
+    """Resolve a consumer's wait; `due` = the batch's due time has come (its timer fired)."""
     if not fut.done():
-        fut.set_result(None)
+        fut.set_result(due)
