@@ -39,6 +39,8 @@ def kind_of(d: dict) -> str | None:
         return None
     if "decode" in d and "meta" in d:
         return "engine"
+    if "grid" in (d.get("after") or {}):
+        return "serve_path"
     if "sweep" in d and "sequential" in d:
         return "serve"
     if "publish" in d or "conditions" in (d.get("throughput") or {}):
@@ -373,6 +375,67 @@ def _learn(ax, d) -> None:
     ax.legend(fontsize=8)
 
 
+def plot_serving_path(plt, runs, out: Path) -> Path | None:
+    """bench/serve.py path: streamed tok/s vs streams (engine, floor, vlora) and before/after at 16 streams."""
+    if not runs.get("serve_path"):
+        return None
+    stem, d = runs["serve_path"][-1]
+    aft, bef = d["after"], d.get("before")
+    fig, axes = plt.subplots(1, 3 if bef else 2, figsize=(6.2 * (3 if bef else 2), 4.6), squeeze=False)
+    ax = axes[0][0]
+    for n, style in zip(sorted({r["tokens"] for r in aft["grid"]}), ("-", "--")):
+        eng = sorted((r["level"], r["tok_s"]) for r in aft["engine"] if r["tokens"] == n)
+        rows = sorted((r for r in aft["grid"] if r["tokens"] == n and r["stream"]), key=lambda r: r["level"])
+        lv = [r["level"] for r in rows]
+        ax.plot([c for c, _ in eng], [t for _, t in eng], "s" + style, color="tab:gray", label=f"engine alone, {n} tok")
+        ax.plot(lv, [r["floor"]["tok_s"] for r in rows], "^" + style, color="tab:green",
+                label=f"floor (bare Serve), {n} tok")
+        ax.plot(lv, [r["vlora"]["tok_s"] for r in rows], "o" + style, color="tab:blue", label=f"vlora HTTP, {n} tok")
+    log_x(ax, [r["level"] for r in aft["grid"]])
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"Streamed: vlora vs its floor and the engine\n{aft['machine']['cpu']}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax = axes[0][1]
+    rows = sorted(aft["grid"], key=lambda r: (r["tokens"], not r["stream"], r["level"]))
+    for (n, stream), style in zip(sorted({(r["tokens"], r["stream"]) for r in rows}), ("o-", "o--", "s-", "s--")):
+        sel = [r for r in rows if (r["tokens"], r["stream"]) == (n, stream)]
+        ax.plot([r["level"] for r in sel], [r["vlora"]["tok_s"] / r["floor"]["tok_s"] for r in sel], style,
+                label=f"{n} tok, {'stream' if stream else 'non-stream'}")
+    ax.axhline(0.8, color="tab:red", lw=0.8, ls=":", label="target 0.8x at 16 streams, 64 tok")
+    log_x(ax, [r["level"] for r in rows])
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("vlora tok/s / floor tok/s")
+    ax.set_title("vlora against its floor (same run)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    if bef:
+        ax = axes[0][2]
+        lv = 16
+        cells = [(n, s) for n in sorted({r["tokens"] for r in bef["grid"]}) for s in (True, False)]
+        names = [f"{n} tok\n{'stream' if s else 'non-stream'}" for n, s in cells]
+        def ratio(phase, n, s):
+            r = next((r for r in phase["grid"] if (r["level"], r["tokens"], r["stream"]) == (lv, n, s)), None)
+            return r["vlora"]["tok_s"] / r["floor"]["tok_s"] if r else 0
+        x = range(len(cells))
+        ax.bar([i - 0.2 for i in x], [ratio(bef, n, s) for n, s in cells], 0.4, label=f"before ({d.get('before_ref')})",
+               color="tab:gray")
+        ax.bar([i + 0.2 for i in x], [ratio(aft, n, s) for n, s in cells], 0.4, label="after", color="tab:blue")
+        ax.set_xticks(list(x), names, fontsize=8)
+        ax.set_ylabel("vlora tok/s / its floor's")
+        ax.set_title(f"Before vs after at {lv} streams (each against its own floor)", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "serving_path.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # -- main --------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -400,7 +463,8 @@ def main(argv=None) -> int:
     print("runs: " + ", ".join(f"{k} x{len(v)}" for k, v in sorted(runs.items())))
     for name, fn, needs in (("throughput", plot_throughput, "engine, serve, adapters or vlora bench runs"),
                             ("ttft", plot_ttft, "engine, serve, adapters or vlora bench runs"),
-                            ("adapters", plot_adapters, "an adapters.py run")):
+                            ("adapters", plot_adapters, "an adapters.py run"),
+                            ("serving_path", plot_serving_path, "a bench/serve.py path run")):
         path = fn(plt, runs, a.out)
         print(f"wrote {path}" if path else f"no {name} chart: needs {needs}")
     return 0

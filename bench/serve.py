@@ -1,6 +1,7 @@
 """Serving overhead: the full HTTP path (openai SDK -> Ray Serve DAG) vs the engine alone, same work.
 
     python bench/serve.py [--quick] [--json PATH] [--replicas 1,2] [--reps 20] [--max-tokens 32]
+    python bench/serve.py path [--before main] [--quick] [--json PATH]   # see bench/serve_path.py
 
 One run starts its own Ray + Serve instance on 127.0.0.1 (a free port, loopback only) with the
 tiny model generated into a temp dir, deploys the app once per Decoder replica count asked
@@ -502,6 +503,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["path"]:  # the serving path vs its floor and the engine, before/after (bench/serve_path.py)
+        from bench.serve_path import main as path_main
+
+        return path_main(argv[1:])
     a = parse_args(argv)
     t_start = time.perf_counter()
     R: dict = {"args": vars(a).copy()}

@@ -15,7 +15,7 @@ from deployments.metrics import DecoderMetrics, get_logger
 from deployments.openai_api import ApiError
 from deployments.placement import resolve_device_dtype
 from engine.config import EngineConfig
-from engine.engine import AsyncEngine, EngineDeadError, LLMEngine
+from engine.engine import AsyncEngine, LLMEngine
 from engine.optimal_sampling import OptimalSamplingParams
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
@@ -96,10 +96,30 @@ class Decoder:
             raise ApiError(503, f"the server is overloaded ({queued} requests already waiting on this replica); "
                                 "retry after a short wait", retry_after=1)
 
+    def _submit_args(self, req, sampling: SamplingParams, max_tokens_explicit: bool,
+                     optimal: OptimalSamplingParams | None, teacher) -> dict:
+        """The engine's optimal-sampling keywords; clamps an implicit max_tokens to the room left."""
+        longest = max(len(req.prompt.token_ids), len(teacher.prompt.token_ids) if teacher else 0)
+        if not max_tokens_explicit:
+            room = self.engine.engine.max_model_len - longest
+            sampling.max_tokens = max(1, min(sampling.max_tokens, room))
+        extra = {}
+        if optimal is not None:
+            extra = {"optimal": optimal}
+            if teacher is not None:
+                extra.update(teacher_prompt=teacher.prompt, teacher_image_embeds=_embeds(teacher))
+        return extra
+
+    def _observe_queue_time(self, out: RequestOutput, adapter: str | None) -> None:
+        if out.queue_time_s is not None:
+            self.metrics.queue_time.observe(out.queue_time_s, {"model_name": adapter or self.config.model_name})
+
     async def generate(self, req: EncodedRequest | PreparedRequest, sampling: SamplingParams, adapter: str | None,
                        request_id: str, max_tokens_explicit: bool = True, optimal: OptimalSamplingParams | None = None,
                        teacher: EncodedRequest | PreparedRequest | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream RequestOutputs; a caller that stops iterating (client gone) aborts the request.
+        """Stream RequestOutputs in batches (the first token at once, then one item per
+        `stream_interval_ms` or at the finish); a caller that stops iterating (client gone) aborts
+        the request.
 
         With `optimal`, tokens come from the student/teacher mixture; `teacher` is the teacher's own
         prompt (dual prompts), else the teacher reads the same prompt.
@@ -107,28 +127,37 @@ class Decoder:
         self._check_capacity()
         self._inflight += 1
         try:
-            longest = max(len(req.prompt.token_ids), len(teacher.prompt.token_ids) if teacher else 0)
-            if not max_tokens_explicit:
-                room = self.engine.engine.max_model_len - longest
-                sampling.max_tokens = max(1, min(sampling.max_tokens, room))
-            extra = {}
-            if optimal is not None:
-                extra = {"optimal": optimal}
-                if teacher is not None:
-                    extra.update(teacher_prompt=teacher.prompt, teacher_image_embeds=_embeds(teacher))
+            extra = self._submit_args(req, sampling, max_tokens_explicit, optimal, teacher)
             first = True
             async for out in self.engine.generate(req.prompt, sampling, adapter, _embeds(req), request_id, **extra):
-                if first and out.queue_time_s is not None:
-                    self.metrics.queue_time.observe(out.queue_time_s, {"model_name": adapter or self.config.model_name})
+                if first:
+                    self._observe_queue_time(out, adapter)
                 first = False
                 yield out
-        except ApiError:
-            raise
-        except EngineDeadError as exc:
-            raise ApiError(503, f"{exc}", retry_after=1) from None
         except Exception as exc:
             api = to_api_error(exc)
-            if api is None:
+            if api is None or api is exc:
+                raise
+            raise api from None
+        finally:
+            self._inflight -= 1
+
+    async def complete(self, req: EncodedRequest | PreparedRequest, sampling: SamplingParams, adapter: str | None,
+                       request_id: str, max_tokens_explicit: bool = True,
+                       optimal: OptimalSamplingParams | None = None,
+                       teacher: EncodedRequest | PreparedRequest | None = None) -> RequestOutput:
+        """A non-streaming request: one call, one merged RequestOutput at the end (no per-token items).
+        A cancelled call (client gone) aborts the request."""
+        self._check_capacity()
+        self._inflight += 1
+        try:
+            extra = self._submit_args(req, sampling, max_tokens_explicit, optimal, teacher)
+            out = await self.engine.complete(req.prompt, sampling, adapter, _embeds(req), request_id, **extra)
+            self._observe_queue_time(out, adapter)
+            return out
+        except Exception as exc:
+            api = to_api_error(exc)
+            if api is None or api is exc:
                 raise
             raise api from None
         finally:
@@ -148,6 +177,7 @@ class Decoder:
                 "resident_adapters": e.loras.resident,
                 "adapter_swaps": e.loras.num_swaps,
                 "store_seq": self.sync.seq if self.sync else None,
+                "engine_loop": dict(self.engine.loop_stats),
             }
 
         return await self.engine.run(read)

@@ -6,7 +6,7 @@ from adapters.folders import AdapterPathError
 from adapters.peft_io import AdapterFormatError
 from adapters.registry import AdapterCorruptError, AdapterNameError, AdapterNotFoundError
 from deployments.openai_api import ApiError
-from engine.engine import ContextLengthError, RequestError
+from engine.engine import ContextLengthError, EngineDeadError, RequestError
 from engine.images import ImageError
 from engine.lora import LoRASlotError
 from engine.lora_manager import UnknownAdapterError
@@ -33,6 +33,8 @@ def to_api_error(exc: BaseException) -> ApiError | None:
         return ApiError(400, str(exc), param="name")
     if isinstance(exc, (AdapterFormatError, LoRASlotError)):
         return ApiError(400, f"invalid adapter: {exc}")
+    if isinstance(exc, EngineDeadError):
+        return ApiError(503, str(exc), type="server_error", retry_after=1)
     if isinstance(exc, ContextLengthError):
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, (RequestError, LoRASlotError, ValueError)):

@@ -1,7 +1,9 @@
 """Ingress deployment: the OpenAI-compatible HTTP API (FastAPI), auth, SSE streaming.
 
-It never touches pixels or embeddings: it hands the Preprocessor's response (a Ray object) to
-the VisionEncoder and that one's to the Decoder, then relays the Decoder's stream.
+It never touches pixels or embeddings. A text-only prompt is tokenized here and goes straight to
+the Decoder; a prompt with images goes Preprocessor -> VisionEncoder -> Decoder, each response
+handed on unawaited (deployments/prompt_routes.py). A streamed request relays the Decoder's
+batched items as SSE chunks; a non-streamed one makes one unary Decoder call.
 """
 
 
@@ -25,6 +27,7 @@ from deployments.config import AppConfig
 from deployments.errors import api_error_for
 from deployments.health import health_report
 from deployments.metrics import IngressMetrics, RequestRecord, get_logger
+from deployments.prompt_routes import PromptRoutes
 from deployments.openai_api import (
     SSE_DONE,
     ApiError,
@@ -73,13 +76,8 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.to_json(), status_code=exc.status, headers=exc.headers())
 
 
-def _has_images(messages: list[dict]) -> bool:
-    return any(isinstance(m.get("content"), list) and any(
-        isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"]) for m in messages)
-
-
 class _Accumulator:
-    """Collects a request's streamed deltas into whole choices for a non-streaming response."""
+    """Collects a request's deltas into whole choices for a non-streaming response."""
 
     def __init__(self, n: int):
         self.text = [""] * n
@@ -111,8 +109,6 @@ def _chunk_diagnostics(deltas) -> dict[int, list[dict]]:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: AppConfig, preprocessor, vision_encoder, decoder, trainer, store):
-        from transformers import AutoTokenizer
-
         self.config = config
         self.preprocessor = preprocessor
         self.vision = vision_encoder
@@ -123,7 +119,8 @@ class Ingress:
         self.keys = KeyCheck(config.keys("api"), config.keys("admin"), config.admin_open, config.admin_keys_env)
         self.vocab_size = TextConfig.from_pretrained(config.model_dir).vocab_size
         self.created = int(time.time())
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+        self.prompts = PromptRoutes(config.model_dir, preprocessor, vision_encoder)
+        self.tokenizer = self.prompts.tokenizer  # logprobs only: token texts
         self.metrics = IngressMetrics()
         self._served: set[str] = {self.model_name}  # models seen served: safe metric labels for later errors
 
@@ -151,11 +148,6 @@ class Ingress:
         limits.check_adapter_count({self._adapter_for(req.model), opt.teacher if opt else None},
                                    self.config.engine.max_loras)
         return req
-
-    def _chat_source(self, messages: list[dict]):
-        """Preprocess (and, with images, encode) chat messages; a Ray response, never awaited here."""
-        prep = self.preprocessor.prepare_chat.remote(messages)
-        return self.vision.encode.remote(prep) if _has_images(messages) else prep
 
     def _adapter_for(self, model: str) -> str | None:
         return None if model == self.model_name else model
@@ -200,33 +192,46 @@ class Ingress:
             if not rec.stream or rec.status is not None:  # a started stream ends (and records) in its body
                 self._finish(rec)
 
-    async def _start(self, rec: RequestRecord, source, sampling, adapter, explicit: bool, optimal=None,
-                     teacher=None):
-        """Start the Decoder stream; await its first output so errors become 4xx before any byte is sent.
+    async def _generate(self, rec: RequestRecord, stream: bool, source, sampling, adapter, explicit: bool,
+                        optimal=None, teacher=None):
+        """Call the Decoder. Streamed: (generator, first output), the first awaited within
+        first_token_timeout_s so errors become 4xx before any byte is sent. Not streamed: (None, the
+        whole output) from one unary call, within request_timeout_s.
 
         The engine request id is always fresh: a client's X-Request-Id only labels the record (logs,
         echoed header), so a reused one can never reach another request."""
         rid = uuid.uuid4().hex
-        gen = self.decoder.options(stream=True).generate.remote(
-            source, sampling, adapter, rid, explicit, optimal.to_params() if optimal else None, teacher)
+        args = (source, sampling, adapter, rid, explicit, optimal.to_params() if optimal else None, teacher)
+        lim = self.config.limits
+        gen = call = None
         try:
-            first = await asyncio.wait_for(gen.__anext__(), self.config.limits.first_token_timeout_s)
+            if stream:
+                gen = self.decoder.options(stream=True).generate.remote(*args)
+                out = await asyncio.wait_for(gen.__anext__(), lim.first_token_timeout_s)
+            else:
+                call = self.decoder.complete.remote(*args)
+                # a cancelled call (deadline, client gone) aborts the request on the Decoder
+                out = await asyncio.wait_for(call, max(0.0, rec.arrival + lim.request_timeout_s - time.perf_counter()))
         except StopAsyncIteration:
             raise ApiError(500, "the decoder returned no output", type="server_error") from None
         except BackPressureError:
             raise ApiError(503, "the server is overloaded; retry after a short wait", type="server_error",
                            retry_after=1) from None
         except asyncio.TimeoutError:
-            gen.cancel()
-            raise ApiError(504, f"no output within {self.config.limits.first_token_timeout_s:g} s "
-                                "(first_token_timeout_s); retry later", code="timeout") from None
+            if gen is not None:
+                gen.cancel()
+                raise ApiError(504, f"no output within {lim.first_token_timeout_s:g} s "
+                                    "(first_token_timeout_s); retry later", code="timeout") from None
+            call.cancel()
+            raise ApiError(504, f"the request ran past {lim.request_timeout_s:g} s (request_timeout_s); "
+                                "ask for fewer tokens", code="timeout") from None
         except Exception as exc:
             api = api_error_for(exc)
             if api.status >= 500:
                 log.error("request %s failed: %r", rec.request_id, exc)
             raise api from None
-        self._served_by(rec, first)
-        return rid, gen, first
+        self._served_by(rec, out)
+        return gen, out
 
     def _headers(self, rid: str, out: RequestOutput) -> dict:
         h = {"x-request-id": rid}  # Serve's proxy adds the client's (or its own) id in front
@@ -267,25 +272,23 @@ class Ingress:
         self._resolve(rec, req.model, bool(req.stream))
         sampling = req.to_sampling_params(self.config.default_max_tokens)
         explicit = req.max_completion_tokens is not None or req.max_tokens is not None
-        source = self._chat_source(req.messages)
+        source = self.prompts.chat(req.messages)
         opt = req.optimal_sampling
-        teacher = self._chat_source(opt.teacher_messages) if opt and opt.teacher_messages else None
-        rid, gen, first = await self._start(rec, source, sampling, self._adapter_for(req.model), explicit,
-                                            opt, teacher)
-        return await self._respond(rec, req, sampling, rid, gen, first, "chatcmpl", self._chat_stream,
-                                   chat_completion_response)
+        teacher = self.prompts.chat(opt.teacher_messages) if opt and opt.teacher_messages else None
+        gen, first = await self._generate(rec, bool(req.stream), source, sampling, self._adapter_for(req.model),
+                                          explicit, opt, teacher)
+        return self._respond(rec, req, sampling, gen, first, "chatcmpl", self._chat_stream, chat_completion_response)
 
-    async def _respond(self, rec: RequestRecord, req, sampling, rid: str, gen, first: RequestOutput, prefix: str,
-                       stream, build):
-        """What both completion routes share: headers, then an SSE stream or one JSON body."""
+    def _respond(self, rec: RequestRecord, req, sampling, gen, first: RequestOutput, prefix: str, stream, build):
+        """What both completion routes share: headers, then an SSE stream or one JSON body (from the
+        unary call's one output)."""
         headers = self._headers(rec.request_id, first)
-        cid, created, extra = f"{prefix}-{rid}", int(time.time()), self._extra(first)
+        cid, created, extra = f"{prefix}-{first.request_id}", int(time.time()), self._extra(first)
         if req.stream:
             return StreamingResponse(stream(first, gen, cid, created, req, req.include_usage, extra, rec),
                                      media_type="text/event-stream", headers=headers)
         acc = _Accumulator(sampling.n)
-        async for out in self._rest(first, gen, rec):
-            acc.add(out)
+        acc.add(first)
         fp = extra.pop("system_fingerprint")
         body = build(cid, req.model, created, acc.text, acc.finish, acc.logprobs if sampling.logprobs else None,
                      (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
@@ -347,13 +350,12 @@ class Ingress:
         sampling = req.to_sampling_params(self.config.default_max_tokens)
         explicit = req.max_tokens is not None
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        prep = self.preprocessor.prepare_text.remote(prompt)
+        prep = self.prompts.text(prompt)
         opt = req.optimal_sampling
-        teacher = self.preprocessor.prepare_text.remote(opt.teacher_prompt) if opt and opt.teacher_prompt else None
-        rid, gen, first = await self._start(rec, prep, sampling, self._adapter_for(req.model), explicit,
-                                            opt, teacher)
-        return await self._respond(rec, req, sampling, rid, gen, first, "cmpl", self._completion_stream,
-                                   completion_response)
+        teacher = self.prompts.text(opt.teacher_prompt) if opt and opt.teacher_prompt else None
+        gen, first = await self._generate(rec, bool(req.stream), prep, sampling, self._adapter_for(req.model),
+                                          explicit, opt, teacher)
+        return self._respond(rec, req, sampling, gen, first, "cmpl", self._completion_stream, completion_response)
 
     async def _completion_stream(self, first, gen, cid, created, req, include_usage, extra,
                                  rec: RequestRecord) -> AsyncIterator[bytes]:
@@ -368,8 +370,10 @@ class Ingress:
                     chunk = completion_chunk(cid, req.model, created, deltas, self._token_text,
                                              text_offsets=offsets, extra=extra, system_fingerprint=fp)
                     yield sse(attach_diagnostics(chunk, _chunk_diagnostics(deltas), summary=False))
-                    for c in deltas:
-                        offsets[c.index] = offsets.get(c.index, 0) + len(c.text)
+                    for c in deltas:  # legacy text_offset counts each token's own text, as the unary answer does
+                        if c.logprobs:
+                            offsets[c.index] = offsets.get(c.index, 0) + sum(
+                                len(self._token_text(lp.token_id)) for lp in c.logprobs)
             rec.status = 200
             if include_usage:
                 yield sse(completion_chunk(cid, req.model, created, [], usage=(

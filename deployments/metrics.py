@@ -317,8 +317,9 @@ class RequestRecord:
         if self.first_token is None:
             self.first_token = now
             self.adapter, self.adapter_version, self.replica = out.adapter, out.adapter_version, out.served_by
-        elif any(c.token_ids for c in out.choices):
-            self._itl.append(now - self.last_output)
+        elif k := max((len(c.token_ids) for c in out.choices), default=0):
+            # a batched item carries k steps' tokens: its gap spread evenly over them
+            self._itl.extend([(now - self.last_output) / k] * k)
         self.last_output = now
         self.prompt_tokens = out.num_prompt_tokens
         self.completion_tokens = out.num_generated_tokens

@@ -1,5 +1,7 @@
 """Preprocessor deployment (CPU replicas): chat template, tokens, image loading and transform.
 
+Only prompts with images come here; the Ingress tokenizes text-only prompts itself.
+
 Images are paid for in order of cost: count, then bytes, then headers (pixels of each image and
 of all together, and the prompt length their grids give, checked against the context), and only
 then are pixels decoded and transformed.
@@ -66,12 +68,6 @@ class Preprocessor:
     async def prepare_chat(self, messages: list[dict]) -> PreparedRequest:
         try:
             return await asyncio.to_thread(self._prepare_chat, messages)
-        except Exception as exc:
-            raise (to_api_error(exc) or exc) from None
-
-    async def prepare_text(self, prompt: str) -> PreparedRequest:
-        try:
-            return PreparedRequest(self.builder.build_text(prompt))
         except Exception as exc:
             raise (to_api_error(exc) or exc) from None
 

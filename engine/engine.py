@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -29,6 +30,7 @@ from engine.lora_manager import LoRAManager
 from engine.model import QwenTextModel
 from engine.model_runner import ModelRunner
 from engine.optimal_sampling import OptimalSampler, OptimalSamplingParams
+from engine.output_stream import OutputStream, merge_outputs
 from engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
 from engine.sampling import RowState, Sampler, SamplingParams
 from engine.scheduler import Scheduler
@@ -347,15 +349,20 @@ class AsyncEngine:
     never race a forward pass. A client that stops iterating (disconnect) aborts its request.
     Any exception on the engine thread ends it: every request fails with EngineDeadError and
     `healthy` turns False, so the hosting replica can be replaced rather than hang.
+    Outputs reach the consumer in batches (engine/output_stream.py): the first at once, then at
+    most one per `stream_interval_s`, or at once when the request finishes.
     """
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, stream_interval_s: float = 0.0):
         self.engine = engine
+        self.stream_interval_s = stream_interval_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._stopped = False
         self._fault: BaseException | None = None
         self.error: BaseException | None = None  # what ended the engine thread, if anything did
+        # The loop's own account (engine thread only): steps run, their wall time, requests reported.
+        self.loop_stats = {"steps": 0, "step_s": 0.0, "outputs": 0}
         self._thread = threading.Thread(target=self._loop, name="vlora-engine", daemon=True)
         self._thread.start()
 
@@ -382,26 +389,37 @@ class AsyncEngine:
 
     async def generate(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
                        image_embeds: torch.Tensor | None = None, request_id: str | None = None,
-                       **optimal: Any) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; `optimal` takes add_request's optimal-sampling keywords."""
+                       stream_interval_s: float | None = None, **optimal: Any) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs, each one merging every step since the previous one.
+
+        `stream_interval_s` overrides the engine-wide interval (0: one output per step);
+        `optimal` takes add_request's optimal-sampling keywords.
+        """
         rid = request_id or uuid.uuid4().hex
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = (asyncio.get_running_loop(), q)
+        interval = self.stream_interval_s if stream_interval_s is None else stream_interval_s
+        stream = OutputStream(asyncio.get_running_loop(), interval)
+        self._streams[rid] = stream
         finished = False
         try:
             if self.error is not None:
                 raise self._dead()
             await self.run(lambda e: e.add_request(prompt, sampling, adapter, image_embeds, rid, **optimal))
             while not finished:
-                out = await q.get()
-                if isinstance(out, BaseException):
-                    raise out
+                out = await stream.next_batch()
                 finished = out.finished
                 yield out
         finally:
             self._streams.pop(rid, None)
             if not finished and self.error is None:
                 self.call(lambda e: e.abort(rid))
+
+    async def complete(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
+                       image_embeds: torch.Tensor | None = None, request_id: str | None = None,
+                       **optimal: Any) -> RequestOutput:
+        """Run a request to the end; its whole output as one RequestOutput (non-streaming callers)."""
+        outs = [out async for out in self.generate(prompt, sampling, adapter, image_embeds, request_id,
+                                                   stream_interval_s=math.inf, **optimal)]
+        return merge_outputs(outs)
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -444,9 +462,8 @@ class AsyncEngine:
     def _deliver(self, rid: str, item: Any) -> None:
         stream = self._streams.get(rid)
         if stream is not None:
-            loop, q = stream
             try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
+                stream.put(item)
             except RuntimeError:  # that caller's event loop is closed: nobody is listening
                 pass
 
@@ -459,7 +476,13 @@ class AsyncEngine:
                     raise fault
                 if not self.engine.has_unfinished():
                     continue
-                for out in self.engine.step():
+                t0 = time.perf_counter()
+                outputs = self.engine.step()
+                st = self.loop_stats
+                st["steps"] += 1
+                st["step_s"] += time.perf_counter() - t0
+                st["outputs"] += len(outputs)
+                for out in outputs:
                     self._deliver(out.request_id, out)
         except BaseException as exc:  # noqa: BLE001 - the engine's state is unknown now: stop serving
             log.exception("the engine thread failed; failing its requests, the replica reports unhealthy")

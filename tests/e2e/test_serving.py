@@ -86,6 +86,69 @@ def test_streaming_chunks_concatenate_to_the_full_text(client):
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
 
 
+def _streamed(chunks) -> tuple[dict[int, str], dict[int, list], dict[int, str]]:
+    """Per choice index: the concatenated text, the logprob entries and the finish reason of a stream."""
+    text, lps, finish = {}, {}, {}
+    for c in chunks:
+        for ch in c.choices:
+            text[ch.index] = text.get(ch.index, "") + (ch.delta.content or "")
+            if ch.logprobs is not None:
+                lps.setdefault(ch.index, []).extend(ch.logprobs.content)
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+    return text, lps, finish
+
+
+def test_batched_stream_equals_the_non_streamed_answer_with_usage_and_logprobs(client, local):
+    """Greedy, 48 tokens: the stream's items group several steps, yet text, logprobs and usage match."""
+    msgs = user("Tell me everything about foxes.")
+    kw = dict(model="tiny", messages=msgs, temperature=0, max_tokens=48, logprobs=True, top_logprobs=2,
+              extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text, lps, finish = _streamed(chunks)
+    expected, prompt_len = engine_text(local, msgs, SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
+    assert text == {0: full.choices[0].message.content} and text[0] == expected
+    assert finish == {0: "length"} == {0: full.choices[0].finish_reason}
+    want = full.choices[0].logprobs.content
+    assert len(want) == 48 and len(lps[0]) == 48
+    assert [e.token for e in lps[0]] == [e.token for e in want]
+    assert [e.logprob for e in lps[0]] == pytest.approx([e.logprob for e in want], abs=1e-5)
+    assert [[t.token for t in e.top_logprobs] for e in lps[0]] == [[t.token for t in e.top_logprobs] for e in want]
+    assert "".join(e.token for e in want) == expected  # one entry per generated token, in order
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == []
+    assert (usage.prompt_tokens, usage.completion_tokens) == (full.usage.prompt_tokens, 48) == (prompt_len, 48)
+
+
+def test_batched_stream_keeps_each_of_n_choices_apart(client):
+    kw = dict(model="tiny", messages=user("Name three colours."), n=2, temperature=0.9, seed=11, max_tokens=20,
+              logprobs=True, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text, lps, finish = _streamed(chunks)
+    assert text == {c.index: c.message.content for c in full.choices}
+    assert {i: [e.token for e in v] for i, v in lps.items()} == \
+        {c.index: [e.token for e in c.logprobs.content] for c in full.choices}
+    assert finish == {0: "length", 1: "length"}
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens == 40
+    roles = [ch.index for c in chunks for ch in c.choices if ch.delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]  # the role once per choice, on its first chunk
+
+
+def test_batched_completion_stream_continues_text_offsets(client):
+    kw = dict(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=32, logprobs=1,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, **kw))
+    text = "".join(ch.text for c in chunks for ch in c.choices)
+    tokens = [t for c in chunks for ch in c.choices if ch.logprobs for t in ch.logprobs.tokens]
+    offsets = [o for c in chunks for ch in c.choices if ch.logprobs for o in ch.logprobs.text_offset]
+    assert text == full.choices[0].text
+    assert tokens == full.choices[0].logprobs.tokens and len(tokens) == 32
+    assert offsets == full.choices[0].logprobs.text_offset
+
+
 def test_n_and_logprobs_shapes(client):
     resp = client.chat.completions.create(model="tiny", messages=user("Hello"), n=2, temperature=0.9, seed=3,
                                           max_tokens=8, logprobs=True, top_logprobs=3)
