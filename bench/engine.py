@@ -2,6 +2,7 @@
 
     python bench/engine.py [--model-dir DIR | --arch-7b] [--device cpu|cuda] [--dtype ...]
                            [--batches 1,16,64] [--prompt-len 64] [--gen-len 64] [--quick] [--json PATH]
+    python bench/engine.py hotpath [...]   # arrival step, aten ops per decode step, sampler (bench/hotpath.py)
 
 One run measures both sides on the same machine, same checkpoint, same prompts:
 
@@ -338,6 +339,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hotpath"]:  # the hot-path figures (arrival step, aten ops per step, sampler): bench/hotpath.py
+        import hotpath
+
+        return hotpath.main(argv[1:])
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
