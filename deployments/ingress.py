@@ -193,9 +193,12 @@ class Ingress:
         except asyncio.CancelledError:
             rec.status, rec.error = 499, "client disconnected"
             raise
-        except Exception as e:
-            rec.status, rec.error = 500, f"{type(e).__name__}"
-            raise
+        except Exception as e:  # e.g. the Decoder replica died mid-request: JSON (503 to retry), never plain text
+            api = api_error_for(e)
+            rec.status, rec.error = api.status, api.message
+            if api.status >= 500:
+                log.error("request %s failed: %r", rec.request_id, e)
+            raise api from None
         finally:
             if not rec.stream or rec.status is not None:  # a started stream ends (and records) in its body
                 self._finish(rec)
@@ -284,8 +287,11 @@ class Ingress:
             return StreamingResponse(stream(first, gen, cid, created, req, req.include_usage, extra, rec),
                                      media_type="text/event-stream", headers=headers)
         acc = _Accumulator(sampling.n)
-        async for out in self._rest(first, gen, rec):
-            acc.add(out)
+        try:
+            async for out in self._rest(first, gen, rec):
+                acc.add(out)
+        finally:
+            gen.cancel()  # past its deadline, failed, or the client left: abort it so it frees its KV blocks
         fp = extra.pop("system_fingerprint")
         body = build(cid, req.model, created, acc.text, acc.finish, acc.logprobs if sampling.logprobs else None,
                      (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
