@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import AsyncIterator
 
@@ -197,6 +198,12 @@ class Decoder:
         """Fault drill (reachable through a Serve handle only, never over HTTP): the engine thread
         raises before its next step, as a bug would. Returns this replica's id."""
         self.engine.inject_fault(RuntimeError(message))
+        return self.replica_id
+
+    async def crash_process_drill(self, delay_s: float = 0.2) -> str:
+        """Fault drill (reachable through a Serve handle only, never over HTTP): this replica's process
+        exits after `delay_s`, as an OOM kill or a segfault would end it. Returns this replica's id."""
+        threading.Timer(delay_s, os._exit, args=(1,)).start()
         return self.replica_id
 
     def __del__(self):

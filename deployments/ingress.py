@@ -185,9 +185,12 @@ class Ingress:
         except asyncio.CancelledError:
             rec.status, rec.error = 499, "client disconnected"
             raise
-        except Exception as e:
-            rec.status, rec.error = 500, f"{type(e).__name__}"
-            raise
+        except Exception as e:  # e.g. the Decoder replica died mid-request: JSON (503 to retry), never plain text
+            api = api_error_for(e)
+            rec.status, rec.error = api.status, api.message
+            if api.status >= 500:
+                log.error("request %s failed: %r", rec.request_id, e)
+            raise api from None
         finally:
             if not rec.stream or rec.status is not None:  # a started stream ends (and records) in its body
                 self._finish(rec)

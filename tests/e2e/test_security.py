@@ -331,16 +331,10 @@ def test_an_engine_thread_fault_fails_its_requests_and_health_reports_it(base_ur
     assert_error(out["plain"], 503, "engine failed")
     assert out["plain"].headers["retry-after"] == "1"
 
-    def health():
-        try:  # while the replacement loads its model on a busy machine, a probe may take a while
-            return httpx.get(f"{base_url}{prefix}/health", timeout=60)
-        except httpx.TimeoutException:
-            return None
-
     seen_degraded = None
     deadline = time.time() + 60
     while time.time() < deadline:
-        h = health()
+        h = health(base_url, prefix)
         if h is not None and h.status_code == 503:
             seen_degraded = h.json()
             break
@@ -349,13 +343,73 @@ def test_an_engine_thread_fault_fails_its_requests_and_health_reports_it(base_ur
     dec = seen_degraded["replicas"]["decoder"]
     assert seen_degraded["status"] == "degraded"
     assert dec["running"] < 1 or seen_degraded["deployments"]["decoder"] != "ready" or dec["status"] != "HEALTHY"
-    deadline = time.time() + 240
+    wait_replaced(base_url, prefix)
+    assert_serves(base_url, prefix)
+
+
+def health(base_url, prefix: str) -> httpx.Response | None:
+    try:  # while a replacement loads its model on a busy machine, a probe may take a while
+        return httpx.get(f"{base_url}{prefix}/health", timeout=60)
+    except httpx.TimeoutException:
+        return None
+
+
+def wait_replaced(base_url, prefix: str, timeout_s: float = 240) -> None:
+    """Until /health says ok again, with the app's one Decoder replica running."""
+    deadline = time.time() + timeout_s
     while True:
-        h = health()
+        h = health(base_url, prefix)
         if h is not None and h.status_code == 200:
             break
         assert time.time() < deadline, f"the replica was never replaced: {h.text if h is not None else 'timeout'}"
         time.sleep(0.5)
     assert h.json()["replicas"]["decoder"] == {"target": 1, "running": 1, "status": "HEALTHY",
                                                "states": {"RUNNING": 1}}
+
+
+def test_a_decoder_process_dying_mid_request_is_a_503_or_an_in_band_error(base_url):
+    """The overload app's one Decoder process exits while it streams one request (first chunks already
+    sent) and holds another, non-streamed, in its queue: JSON 503 with Retry-After, or an in-band error
+    then [DONE]; never a plain-text 500. Serve replaces the replica and the app serves again."""
+    from ray import serve
+
+    prefix = "/overload"
+    body = {"model": "tiny", "messages": user("Tell me a long story"), "max_tokens": 900, "temperature": 0,
+            "ignore_eos": True}
+    out, streaming = {}, threading.Event()
+
+    def streamed():
+        with httpx.stream("POST", f"{base_url}{prefix}/v1/chat/completions", json={**body, "stream": True},
+                          headers=AUTH, timeout=120) as r:
+            out["stream_status"] = r.status_code
+            events = out["events"] = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    streaming.set()
+
+    def plain():
+        out["plain"] = httpx.post(f"{base_url}{prefix}/v1/chat/completions", json=body, headers=AUTH, timeout=120)
+
+    threads = [threading.Thread(target=streamed), threading.Thread(target=plain)]
+    threads[0].start()
+    assert streaming.wait(60), "the stream never started"
+    threads[1].start()
+    time.sleep(1.0)  # the second request reaches the replica's queue
+    killed = serve.get_deployment_handle("Decoder", app_name="overload").crash_process_drill.remote().result(
+        timeout_s=30)
+    for t in threads:
+        t.join(120)
+    msg = "the replica serving this request stopped; retry the request"
+    assert out["stream_status"] == 200 and out["events"][-1] == "[DONE]"
+    assert json.loads(out["events"][-2]) == {"error": {"message": msg, "type": "server_error", "param": None,
+                                                       "code": None}}
+    assert len(out["events"]) > 3  # chunks were streamed before the process died
+    r = out["plain"]
+    assert r.headers["content-type"] == "application/json"
+    assert_error(r, 503, msg, code=None)
+    assert r.headers["retry-after"] == "1"
+    wait_replaced(base_url, prefix)
+    r = chat(base_url, {"messages": user("still there?")}, prefix)
+    assert r.status_code == 200 and r.headers["x-vlora-replica"] != killed
     assert_serves(base_url, prefix)
