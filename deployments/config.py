@@ -80,7 +80,8 @@ class RequestLimits(_Strict):
     max_learn_tokens: int = Field(262144, ge=1, description="tokens of all examples of one learn call together")
     max_adapter_file_bytes: int = Field(2 * 2**30, gt=0, description="size of each file of a loaded adapter folder")
     first_token_timeout_s: float = Field(
-        300.0, gt=0, description="a request with no first output by then is aborted with 504")
+        300.0, gt=0, description="a streamed request with no first output by then is aborted with 504 "
+                                "(a non-streamed one is bound by request_timeout_s)")
     request_timeout_s: float = Field(1800.0, gt=0, description="a request still generating by then is aborted (504)")
     admin_timeout_s: float = Field(
         180.0, gt=0, description="adapter store calls (load, delete, rollback, list) give 504 after this long")

@@ -207,19 +207,17 @@ async def assert_serves(c: httpx.AsyncClient):
     assert r.json()["choices"][0]["finish_reason"] == "length"
 
 
-def test_no_first_token_in_time_is_a_504_and_the_request_is_aborted(ingress, decoder):
+def test_a_stream_with_no_first_token_in_time_is_a_504_and_the_request_is_aborted(ingress, decoder):
     set_limits(ingress, first_token_timeout_s=0.2)
     msg = "no output within 0.2 s (first_token_timeout_s); retry later"
 
     async def go():
         async with client() as c:
             with slow_steps(decoder, 1.0) as held:
+                # a stream that has sent nothing yet answers with a JSON 504, before any SSE byte
                 t0 = time.perf_counter()
-                r = await c.post("/v1/chat/completions", json={**BODY, "max_tokens": 20})
-                assert time.perf_counter() - t0 < 0.9  # answered at the deadline, not after the step
-                assert_error(r, 504, msg, "timeout")
-                # a stream that has sent nothing yet answers the same way, before any SSE byte
                 r = await c.post("/v1/chat/completions", json={**BODY, "max_tokens": 20, "stream": True})
+                assert time.perf_counter() - t0 < 0.9  # answered at the deadline, not after the step
                 assert_error(r, 504, msg, "timeout")
                 await idle(decoder)
             assert max(held) > 0  # the requests had KV blocks while the client waited
@@ -292,6 +290,15 @@ class DyingDecoder:
         agen = self.decoder.generate(*args)
         yield await agen.__anext__()
         await agen.aclose()
+        raise ActorDiedError()
+
+    async def complete(self, *args):
+        """The unary call of a non-streamed request: the process dies while the request runs."""
+        from ray.exceptions import ActorDiedError
+
+        call = asyncio.ensure_future(self.decoder.complete(*args))
+        await asyncio.sleep(0.05)
+        call.cancel()  # the replica is gone: its engine (here: the real one) drops the request
         raise ActorDiedError()
 
 
