@@ -58,7 +58,6 @@ class Decoder:
             self.sync = AdapterSync(store, self.engine, self.replica_id, self.metrics)
             self.sync.catch_up()
             self.sync.start()
-        torch.set_grad_enabled(False)
         self._stop = threading.Event()
         self._metrics_thread = threading.Thread(target=self._refresh_metrics, name="vlora-metrics", daemon=True)
         self._metrics_thread.start()

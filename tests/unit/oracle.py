@@ -61,3 +61,13 @@ def peft_model(base_model, adapter_dir):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base_model, adapter_dir).eval()
+
+
+def peft_generate(base_model, adapter_dir, prompt: list[int], n: int) -> list[int]:
+    """HF + PEFT greedy continuation of `prompt` with one adapter: exactly `n` new token ids."""
+    pm = peft_model(base_model, adapter_dir)
+    try:
+        out = pm.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out[0, len(prompt):].tolist()
+    finally:
+        pm.unload()

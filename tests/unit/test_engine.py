@@ -15,7 +15,7 @@ from engine.kv_cache import KVCache
 from engine.prompts import PromptBuilder
 from engine.sampling import SamplingParams
 from engine.vision import VisionEncoder
-from tests.unit.oracle import hf_generate, hf_logits, peft_model, random_image, random_peft_adapter
+from tests.unit.oracle import hf_generate, hf_logits, peft_generate, random_image, random_peft_adapter
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -155,15 +155,6 @@ def peft_adapters(hf_model, tmp_path_factory):
     }
 
 
-def _peft_generate(hf_model, adapter_dir, prompt, n):
-    pm = peft_model(hf_model, adapter_dir)
-    try:
-        out = pm.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return out[0, len(prompt):].tolist()
-    finally:
-        pm.unload()
-
-
 def test_three_adapters_and_base_in_one_batch_match_hf_peft(engine, tokenizer, hf_model, peft_adapters):
     for name, path in peft_adapters.items():
         engine.add_lora(name, load_peft_adapter(path)[0])
@@ -171,7 +162,7 @@ def test_three_adapters_and_base_in_one_batch_match_hf_peft(engine, tokenizer, h
     names = ["a1", None, "a2", "a3", None, "a1"]
     outs = engine.generate([prompt] * len(names), SamplingParams(max_tokens=10, **GREEDY), adapters=names)
     base_ref = hf_generate(hf_model, prompt, 10)
-    refs = {n: _peft_generate(hf_model, p, prompt, 10) for n, p in peft_adapters.items()}
+    refs = {n: peft_generate(hf_model, p, prompt, 10) for n, p in peft_adapters.items()}
     assert len({tuple(r) for r in refs.values()} | {tuple(base_ref)}) == 4  # the adapters really differ
     for name, out in zip(names, outs):
         assert out[0] == (base_ref if name is None else refs[name]), name
@@ -361,7 +352,7 @@ def test_adapters_beyond_the_slot_limit_are_paged_in_lru(tiny_model_dir, tokeniz
         eng.add_lora(name, load_peft_adapter(path)[0])
     prompt = tokenizer("Describe the image.").input_ids
     sp = SamplingParams(max_tokens=6, **GREEDY)
-    alone = {n: _peft_generate(hf_model, p, prompt, 6) for n, p in peft_adapters.items()}
+    alone = {n: peft_generate(hf_model, p, prompt, 6) for n, p in peft_adapters.items()}
     outs = eng.generate([prompt] * 3, sp, adapters=["a1", "a2", "a3"])  # a3 waits for a free slot
     assert [o[0] for o in outs] == [alone["a1"], alone["a2"], alone["a3"]]
     assert set(eng.loras.resident) == {"a2", "a3"} or set(eng.loras.resident) == {"a1", "a3"}

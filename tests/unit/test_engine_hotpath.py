@@ -13,7 +13,7 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.lora import LoRASlotError, LoRAWeights
 from engine.sampling import SamplingParams
-from tests.unit.oracle import hf_generate, peft_model, random_peft_adapter
+from tests.unit.oracle import hf_generate, peft_generate, random_peft_adapter
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 HOST_SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.masked_select", "aten.is_nonzero")
@@ -37,15 +37,6 @@ def adapters(hf_model, tmp_path_factory):
         "a2": random_peft_adapter(hf_model, d / "a2", seed=12, r=8, alpha=8, targets=("q_proj", "v_proj", "up_proj")),
         "a3": random_peft_adapter(hf_model, d / "a3", seed=13, r=2, alpha=4),
     }
-
-
-def _peft_generate(hf_model, adapter_dir, prompt, n):
-    pm = peft_model(hf_model, adapter_dir)
-    try:
-        out = pm.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return out[0, len(prompt):].tolist()
-    finally:
-        pm.unload()
 
 
 def _engine(tiny_model_dir, **kw):
@@ -125,7 +116,7 @@ def test_static_decode_buffers_keep_addresses_and_never_sync(tiny_model_dir, tok
         for o in eng.step():
             got[o.request_id] += o.choices[0].token_ids
     base = hf_generate(hf_model, prompt, 12)
-    refs = {n: _peft_generate(hf_model, p, prompt, 12) for n, p in adapters.items()}
+    refs = {n: peft_generate(hf_model, p, prompt, 12) for n, p in adapters.items()}
     assert len({tuple(r) for r in refs.values()} | {tuple(base)}) == 4
     for name, r in zip(names, rids):
         assert got[r] == (base if name is None else refs[name]), name
