@@ -47,6 +47,9 @@ class EngineLimits(_Strict):
         256, ge=0, description="requests queued inside a Decoder replica before new ones get 503")
     enforce_eager: bool = Field(
         False, description="never capture CUDA graphs for decode steps (GPU only; for debugging or profiling)")
+    engine_process: bool = Field(
+        True, description="run the engine loop in a child process of the Decoder replica (vLLM v1's engine core), "
+                          "so it shares no GIL with Serve's per-request work; false = a thread of the replica")
 
 
 class ImageLimits(_Strict):

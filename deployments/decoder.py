@@ -17,6 +17,7 @@ from deployments.openai_api import ApiError
 from deployments.placement import resolve_device_dtype
 from engine.config import EngineConfig
 from engine.engine import AsyncEngine, LLMEngine
+from engine.engine_process import EngineProcess
 from engine.optimal_sampling import OptimalSamplingParams
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
@@ -44,14 +45,22 @@ class Decoder:
         device, dtype = resolve_device_dtype(config)
         lim = config.engine
         self.config = config
-        self.engine = AsyncEngine(LLMEngine(EngineConfig(
+        self.replica_id = _replica_id()
+        self._inflight = 0  # generate() calls admitted and not yet finished
+        engine_config = EngineConfig(
             model_dir=config.model_dir, device=device, dtype=dtype, block_size=lim.block_size,
             kv_cache_memory_bytes=lim.kv_cache_memory_mb * 2**20, max_num_seqs=lim.max_num_seqs,
             max_num_batched_tokens=max(lim.max_num_batched_tokens, lim.max_num_seqs), max_model_len=lim.max_model_len,
-            max_loras=lim.max_loras, max_lora_rank=lim.max_lora_rank, enforce_eager=lim.enforce_eager)))
-        self.replica_id = _replica_id()
-        self._inflight = 0  # generate() calls admitted and not yet finished
-        self.engine.engine.name = self.replica_id
+            max_loras=lim.max_loras, max_lora_rank=lim.max_lora_rank, enforce_eager=lim.enforce_eager)
+        interval_s = config.stream_interval_ms / 1000
+        if lim.engine_process:
+            from ray import cloudpickle  # engine calls below are closures; plain pickle takes none
+
+            self.engine = EngineProcess(engine_config, interval_s, name=self.replica_id, dumps=cloudpickle.dumps)
+        else:
+            llm = LLMEngine(engine_config)
+            llm.name = self.replica_id
+            self.engine = AsyncEngine(llm, interval_s)
         self.metrics = DecoderMetrics(config.model_name)
         self.sync = None
         if store is not None:  # a replica that starts (or restarts) catches up before serving
@@ -66,27 +75,11 @@ class Decoder:
         """Every METRICS_INTERVAL_S: read the engine's counts between steps and set the gauges."""
         while not self._stop.wait(METRICS_INTERVAL_S):
             try:
-                self.metrics.record_engine(self.engine.call(self._engine_state).result(timeout=30))
+                self.metrics.record_engine(self.engine.call(LLMEngine.state).result(timeout=30))
             except Exception:  # noqa: BLE001 - metrics must never take the replica down
                 if self._stop.is_set():
                     return
                 log.warning("refreshing the engine metrics failed", exc_info=True)
-
-    @staticmethod
-    def _engine_state(e: LLMEngine) -> dict:
-        """Runs on the engine thread between steps: plain counts only."""
-        running = {s.request_id for s in e.scheduler.running}
-        return {
-            "num_running": len(running),
-            "num_waiting": len(e.requests) - len(running.intersection(e.requests)),
-            "num_requests": len(e.requests),
-            "kv_blocks_used": e.pool.num_used_blocks,
-            "kv_blocks_total": e.pool.num_blocks,
-            "num_preemptions": e.num_preemptions,
-            "lora_slots_used": len(e.loras.resident),
-            "lora_slots_total": e.slots.num_slots if e.slots is not None else 0,
-            "lora_slot_loads": e.loras.num_swaps,
-        }
 
     def _check_capacity(self) -> None:
         """Counted on the event loop (not read from the engine thread), so concurrent arrivals can't race."""
@@ -101,7 +94,7 @@ class Decoder:
         """The engine's optimal-sampling keywords; clamps an implicit max_tokens to the room left."""
         longest = max(len(req.prompt.token_ids), len(teacher.prompt.token_ids) if teacher else 0)
         if not max_tokens_explicit:
-            room = self.engine.engine.max_model_len - longest
+            room = self.engine.max_model_len - longest
             sampling.max_tokens = max(1, min(sampling.max_tokens, room))
         extra = {}
         if optimal is not None:
@@ -164,23 +157,9 @@ class Decoder:
             self._inflight -= 1
 
     async def stats(self) -> dict:
-        def read(e: LLMEngine) -> dict:
-            return {
-                "replica_id": self.replica_id,
-                "num_running": len(e.scheduler.running),
-                "num_waiting": len(e.scheduler.waiting) + len(e._waiting_for_slot),
-                "num_requests": len(e.requests),
-                "kv_blocks_used": e.pool.num_used_blocks,
-                "kv_blocks_total": e.pool.num_blocks,
-                "num_preemptions": e.num_preemptions,
-                "adapters": {n: a.version for n, a in e.loras.adapters.items()},
-                "resident_adapters": e.loras.resident,
-                "adapter_swaps": e.loras.num_swaps,
-                "store_seq": self.sync.seq if self.sync else None,
-                "engine_loop": dict(self.engine.loop_stats),
-            }
-
-        return await self.engine.run(read)
+        state = await self.engine.run(LLMEngine.state)
+        return {"replica_id": self.replica_id, **state, "adapter_swaps": state["lora_slot_loads"],
+                "store_seq": self.sync.seq if self.sync else None}
 
     async def ready(self) -> bool:
         """Model loaded (the constructor finished), engine thread alive, AdapterStore answering."""
@@ -189,9 +168,9 @@ class Decoder:
         return self.sync is None or (self.sync.alive() and self.sync.silent_for() < STORE_SILENCE_S)
 
     async def check_health(self) -> None:
-        """Serve's periodic probe: a replica whose engine thread failed is marked unhealthy and replaced."""
+        """Serve's periodic probe: a replica whose engine failed is marked unhealthy and replaced."""
         if not self.engine.healthy:
-            raise RuntimeError(f"engine thread failed: {self.engine.error!r}")
+            raise RuntimeError(f"the engine failed: {self.engine.error!r}")
 
     async def inject_engine_fault(self, message: str = "injected fault") -> str:
         """Fault drill (reachable through a Serve handle only, never over HTTP): the engine thread

@@ -1,8 +1,9 @@
 """The engine: `add_request` / `step` / `abort`, and an asyncio wrapper that streams deltas.
 
 One step = schedule -> run the model on the packed batch -> sample -> detokenize -> report.
-`LLMEngine` is single-threaded; `AsyncEngine` owns it on a background thread and is what the
-Decoder deployment drives.
+`LLMEngine` is single-threaded; `AsyncEngine` owns it on a background thread of this process;
+`engine/engine_process.py`'s `EngineProcess`, with the same interface, runs it in a child process
+(what the Decoder deployment drives by default).
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ class LLMEngine:
         self._waiting_for_slot: deque[Sequence] = deque()
         self.num_preemptions = 0
         self.name: str | None = None  # set by whoever hosts the engine (e.g. the Decoder replica id)
+        # The loop's own account: steps run, their wall time, request outputs reported.
+        self.step_stats = {"steps": 0, "step_s": 0.0, "outputs": 0}
 
     # -- adapters ---------------------------------------------------------------------------
     def add_lora(self, name: str, weights: LoRAWeights, version: int = 1) -> None:
@@ -222,8 +225,35 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def state(self) -> dict:
+        """Plain counts for gauges and /stats (read between steps by whoever hosts the engine)."""
+        running = {s.request_id for s in self.scheduler.running}
+        return {
+            "num_running": len(running),
+            "num_waiting": len(self.requests) - len(running.intersection(self.requests)),
+            "num_requests": len(self.requests),
+            "kv_blocks_used": self.pool.num_used_blocks,
+            "kv_blocks_total": self.pool.num_blocks,
+            "num_preemptions": self.num_preemptions,
+            "lora_slots_used": len(self.loras.resident),
+            "lora_slots_total": self.slots.num_slots if self.slots is not None else 0,
+            "lora_slot_loads": self.loras.num_swaps,
+            "adapters": {n: a.version for n, a in self.loras.adapters.items()},
+            "resident_adapters": dict(self.loras.resident),
+            "engine_loop": dict(self.step_stats),
+        }
+
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        outputs = self._step()
+        st = self.step_stats
+        st["steps"] += 1
+        st["step_s"] += time.perf_counter() - t0
+        st["outputs"] += len(outputs)
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         while self._waiting_for_slot:
             seq = self._waiting_for_slot[0]
             req = self.requests[seq.request_id]
@@ -361,14 +391,20 @@ class AsyncEngine:
         self._stopped = False
         self._fault: BaseException | None = None
         self.error: BaseException | None = None  # what ended the engine thread, if anything did
-        # The loop's own account (engine thread only): steps run, their wall time, requests reported.
-        self.loop_stats = {"steps": 0, "step_s": 0.0, "outputs": 0}
         self._thread = threading.Thread(target=self._loop, name="vlora-engine", daemon=True)
         self._thread.start()
 
     @property
     def healthy(self) -> bool:
         return self.error is None and self._thread.is_alive()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def loop_stats(self) -> dict:
+        return self.engine.step_stats
 
     def call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
         """Run `fn(engine)` on the engine thread between steps."""
@@ -476,12 +512,7 @@ class AsyncEngine:
                     raise fault
                 if not self.engine.has_unfinished():
                     continue
-                t0 = time.perf_counter()
                 outputs = self.engine.step()
-                st = self.loop_stats
-                st["steps"] += 1
-                st["step_s"] += time.perf_counter() - t0
-                st["outputs"] += len(outputs)
                 for out in outputs:
                     self._deliver(out.request_id, out)
         except BaseException as exc:  # noqa: BLE001 - the engine's state is unknown now: stop serving

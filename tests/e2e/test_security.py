@@ -306,22 +306,29 @@ def test_an_engine_thread_fault_fails_its_requests_and_health_reports_it(base_ur
     prefix = "/overload"
     body = {"model": "tiny", "messages": user("Tell me a long story"), "max_tokens": 900, "temperature": 0,
             "ignore_eos": True}
-    out = {}
+    out = {"events": []}
+    streaming = threading.Event()
 
     def streamed():
         with httpx.stream("POST", f"{base_url}{prefix}/v1/chat/completions", json={**body, "stream": True},
                           headers=AUTH, timeout=120) as r:
             out["stream_status"] = r.status_code
-            out["events"] = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out["events"].append(line[6:])
+                    streaming.set()
 
     def plain():
         out["plain"] = httpx.post(f"{base_url}{prefix}/v1/chat/completions", json=body, headers=AUTH, timeout=120)
 
-    threads = [threading.Thread(target=streamed), threading.Thread(target=plain)]
-    for t in threads:
-        t.start()
-        time.sleep(1.0)
     handle = serve.get_deployment_handle("Decoder", app_name="overload")
+    threads = [threading.Thread(target=streamed), threading.Thread(target=plain)]
+    threads[0].start()
+    assert streaming.wait(60)
+    threads[1].start()  # queued behind the stream (max_num_seqs 1)
+    deadline = time.time() + 30
+    while handle.stats.remote().result(timeout_s=30)["num_requests"] < 2 and time.time() < deadline:
+        time.sleep(0.005)
     handle.inject_engine_fault.remote("drill").result(timeout_s=30)
     for t in threads:
         t.join(120)

@@ -121,7 +121,8 @@ class Trainer:
 @pytest.fixture(scope="module")
 def config(tiny_model_dir):
     return AppConfig(model_dir=str(tiny_model_dir), served_model_name="tiny", device="cpu", admin_open=True,
-                     engine={"max_num_seqs": 4, "kv_cache_memory_mb": 4, "max_model_len": 1024})
+                     engine={"max_num_seqs": 4, "kv_cache_memory_mb": 4, "max_model_len": 1024,
+                             "engine_process": False})  # slow_steps patches the engine in this process
 
 
 @pytest.fixture(scope="module")
