@@ -234,7 +234,7 @@ def grid(urls: dict[str, str], levels, tokens, quick: bool, stats_at: int | None
                 for side, url in urls.items():
                     before = decoder_loop_stats() if side == "vlora" and level == stats_at else None
                     row[side] = asyncio.run(http_load(url, level, row["requests"], n, stream,
-                                                      "tiny" if side == "vlora" else "floor"))
+                                                      "floor" if side == "floor" else "tiny"))
                     if before is not None:
                         after = decoder_loop_stats()
                         steps = after["steps"] - before["steps"]
@@ -290,6 +290,10 @@ def phase(a) -> dict:
 
         serve.run(build_app(cfg), name="vlora", route_prefix="/vlora")
         urls = {"floor": deploy_floor(cluster, pace), "vlora": f"{cluster.url}/vlora"}
+        thread_mode = a.phase == "after"
+        if thread_mode:  # the same app with the engine loop on a thread of the Decoder replica
+            cfg_t = app_config(cluster.model_dir, cluster.tmp / "store_t", engine={**ENGINE, "engine_process": False})
+            serve.run(build_app(cfg_t), name="vlora_thread", route_prefix="/vlora_thread")
         for side, url in urls.items():  # warm every path; a broken side stops the run here
             for stream in (True, False):
                 w = asyncio.run(http_load(url, 4, 8, 4, stream, "tiny" if side == "vlora" else "floor"))
@@ -307,9 +311,14 @@ def phase(a) -> dict:
                     e.step()
 
             sides = {"engine": engine_one, **sides}
+            if thread_mode:
+                sides["vlora_thread"] = http_sync(f"{cluster.url}/vlora_thread", "tiny")
         out["sequential_1_token"] = sequential_1_token(sides, 10 if a.quick else 30)
         print("sequential 1 token:", json.dumps(out["sequential_1_token"]), flush=True)
         out["grid"] = grid(urls, levels, a.tokens, a.quick, stats_at=TTFT_LEVEL)
+        if thread_mode:  # engine process vs engine thread at 16 streams, alternating cell by cell
+            out["thread_mode"] = grid({"process": urls["vlora"], "thread": f"{cluster.url}/vlora_thread"},
+                                      (TTFT_LEVEL,), a.tokens, a.quick)
     return out
 
 
@@ -367,6 +376,15 @@ def report(R: dict) -> str:
     lines += ["", "sequential 1-token requests (non-stream), p50 / mean ms: " + ", ".join(
         f"{k} {v['p50_ms']:.1f} / {v['mean_ms']:.1f}" for k, v in s.items())
         + f"; vlora/floor {s['vlora']['p50_ms'] / s['floor']['p50_ms']:.2f}x (p50)"]
+    if "vlora_thread" in s:
+        lines.append(f"the engine loop on a thread of the Decoder replica instead of its own process: 1 token p50 "
+                     f"{s['vlora_thread']['p50_ms']:.1f} ms ({s['vlora_thread']['p50_ms'] / s['floor']['p50_ms']:.2f}x "
+                     f"the floor)")
+    for r in aft.get("thread_mode", []):
+        p, t = r["process"], r["thread"]
+        lines.append(f"engine process vs engine thread, {r['level']} streams x {r['tokens']} "
+                     f"{'stream' if r['stream'] else 'non-stream'}: {p['tok_s']:.0f} vs {t['tok_s']:.0f} tok/s "
+                     f"({p['tok_s'] / t['tok_s']:.2f}x)")
     a = {(r["level"], r["tokens"]): r for r in aft["async_engine"]}
     for (c, n), r in a.items():
         lines.append(f"in-process AsyncEngine at {c} streams x {n} tokens: {r['tok_s']:.0f} tok/s "
