@@ -39,6 +39,10 @@ class PromptRoutes:
         """/v1/completions: the prompt tokenized as is."""
         return self._local(self.builder.build_text, prompt)
 
+    def tokens(self, token_ids: list[int], vocab_size: int) -> PreparedRequest:
+        """/v1/completions: a prompt given as token ids."""
+        return self._local(self.builder.build_tokens, token_ids, vocab_size)
+
     @staticmethod
     def _local(build, *args) -> PreparedRequest:
         try:
