@@ -12,6 +12,8 @@ import os
 from ray import serve
 from ray.serve import Application
 
+from adapters.folders import is_remote, split_uri
+from deployments import limits
 from deployments.config import AppConfig
 from deployments.decoder import Decoder
 from deployments.ingress import Ingress
@@ -39,6 +41,27 @@ def _deployment(cls, name: str, replica, gpu_share: float = 0.0):
     )
 
 
+def _absolute(source: str) -> str:
+    """Local paths absolute (replicas may run elsewhere); URIs as they are."""
+    return source if is_remote(source) else os.path.abspath(split_uri(source)[1])
+
+
+def register_startup_adapters(config: AppConfig, store) -> list[dict]:
+    """`adapters:` of the config: read here (where the app is built) and published through the store;
+    an adapter whose current version already holds the same weights is left as it is."""
+    import ray
+
+    from adapters.folders import read_files
+    from adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME
+
+    out = []
+    for a in config.adapters:
+        limits.check_adapter_name(a.name, config.model_name)
+        files = read_files(a.path, (CONFIG_NAME, WEIGHTS_NAME), config.limits.max_adapter_file_bytes)
+        out.append(ray.get(store.load_files.remote(a.name, files, a.path, unless_current=True)))
+    return out
+
+
 def prepare_config(args: dict | AppConfig) -> AppConfig:
     """Validate args, make paths absolute (replicas may run elsewhere), create the tiny model if asked."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
@@ -46,6 +69,8 @@ def prepare_config(args: dict | AppConfig) -> AppConfig:
         "model_dir": os.path.abspath(config.model_dir),
         "adapter_store_dir": os.path.abspath(config.adapter_store_dir),
         "served_model_name": config.model_name,
+        "adapter_load_dirs": [_absolute(d) for d in config.adapter_load_dirs],
+        "adapters": [a.model_copy(update={"path": _absolute(a.path)}) for a in config.adapters],
     })
     if not os.path.exists(os.path.join(config.model_dir, "config.json")):
         if not config.generate_tiny_model_if_missing:
@@ -66,6 +91,7 @@ def build_app(args: dict | AppConfig | None = None) -> Application:
         ray.init()
     store = get_or_create_store(config.adapter_store_dir, config.model_dir, config.engine.max_lora_rank,
                                 config.adapter_retention)
+    register_startup_adapters(config, store)
     shares = gpu_shares(config, _cluster_gpus())
     pre = _deployment(Preprocessor, "Preprocessor", config.preprocessor).bind(config)
     vis = _deployment(VisionEncoderDeployment, "VisionEncoder", config.vision_encoder,

@@ -89,6 +89,14 @@ class RequestLimits(_Strict):
         3600.0, gt=0, description="a synchronous learn call answers 504 after this long (async jobs keep running)")
 
 
+class StartupAdapter(_Strict):
+    """An adapter registered when the application starts (vLLM's --lora-modules name=path)."""
+
+    name: str = Field(description="the model name it is served as")
+    path: str = Field(description="PEFT folder: a local path (relative to where the app is built) or an fsspec "
+                                  "URI (s3://, gs://, hf://, ...; the protocol's fsspec package installed)")
+
+
 class AppConfig(_Strict):
     model_dir: str = Field("models/tiny", description="checkpoint folder (HF layout)")
     generate_tiny_model_if_missing: bool = Field(
@@ -115,7 +123,10 @@ class AppConfig(_Strict):
     adapter_store_dir: str = Field("adapter_store", description="where the AdapterStore persists adapters")
     adapter_retention: int = Field(5, ge=1, description="versions kept per adapter (the current one always)")
     adapter_load_dirs: list[str] = Field(
-        default_factory=list, description="directories POST /v1/adapters may load PEFT folders from")
+        default_factory=list, description="where POST /v1/adapters may load PEFT folders from: local directories "
+                                          "and URI prefixes (s3://bucket/adapters, memory://x, ...)")
+    adapters: list[StartupAdapter] = Field(
+        default_factory=list, description="adapters registered at start-up (an unchanged one keeps its version)")
     preprocessor: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(num_replicas=2))
     vision_encoder: VisionEncoderConfig = Field(default_factory=VisionEncoderConfig)
     decoder: ReplicaConfig = Field(default_factory=ReplicaConfig)
