@@ -76,7 +76,10 @@ class Decoder:
     def _engine_state(e: LLMEngine) -> dict:
         """Runs on the engine thread between steps: plain counts only."""
         running = {s.request_id for s in e.scheduler.running}
+        adapters = {rid: r.adapter for rid, r in e.requests.items() if r.adapter}
         return {
+            "running_adapters": sorted({a for rid, a in adapters.items() if rid in running}),
+            "waiting_adapters": sorted({a for rid, a in adapters.items() if rid not in running}),
             "num_running": len(running),
             "num_waiting": len(e.requests) - len(running.intersection(e.requests)),
             "num_requests": len(e.requests),

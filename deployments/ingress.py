@@ -26,7 +26,8 @@ from deployments.auth import KeyCheck
 from deployments.config import AppConfig
 from deployments.errors import api_error_for
 from deployments.health import health_report
-from deployments.metrics import IngressMetrics, RequestRecord, get_logger
+from deployments.metrics import IngressMetrics, RequestRecord, api_snapshot, get_logger
+from deployments.metrics_hub import get_hub as get_metrics_hub, render as render_metrics
 from deployments.prompt_batch import MergedStream, PromptBatch
 from deployments.prompt_routes import PromptRoutes, has_images
 from deployments.openai_api import (
@@ -144,6 +145,7 @@ class Ingress:
         self.prompts = PromptRoutes(config.model_dir, preprocessor, vision_encoder)
         self.tokenizer = self.prompts.tokenizer  # logprobs only: token texts
         self.metrics = IngressMetrics()
+        self._metrics_hub = None
         self._served: set[str] = {self.model_name}  # models seen served: safe metric labels for later errors
 
     # -- helpers ----------------------------------------------------------------------------
@@ -638,6 +640,24 @@ class Ingress:
             return serve.get_replica_context().app_name
         except Exception:  # noqa: BLE001 - constructed outside Serve
             return "vlora"
+
+    @app.get("/metrics")
+    async def metrics(self):
+        """vLLM-compatible /metrics on the API port: every live replica's metrics (deployments/metrics_hub.py),
+        this replica's own read fresh."""
+        own = api_snapshot()
+        try:
+            ctx = serve.get_replica_context()
+            me = ctx.replica_id.unique_id
+            if self._metrics_hub is None:
+                self._metrics_hub = get_metrics_hub(ctx.app_name)
+            snaps = await asyncio.wait_for(self._metrics_hub.snapshots.remote(), 10)
+            snaps = [(d, r, f) for d, r, f in snaps if r != me] + [(ctx.deployment, me, own)]
+        except Exception:  # noqa: BLE001 - outside Serve, or the hub is restarting: this replica's own
+            self._metrics_hub = None
+            log.warning("reading the metrics hub failed; serving this replica's metrics only", exc_info=True)
+            snaps = [("Ingress", "local", own)]
+        return Response(render_metrics(snaps), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/")
     async def root(self):
