@@ -32,8 +32,11 @@ def _cluster_gpus() -> float:
 
 
 def _deployment(cls, name: str, replica, gpu_share: float = 0.0):
+    """A Serve deployment with the replica config's options; `autoscaling_config` replaces num_replicas."""
+    scaling = ({"autoscaling_config": replica.autoscaling_config} if replica.autoscaling_config is not None
+               else {"num_replicas": replica.num_replicas})
     return serve.deployment(cls, name=name).options(
-        num_replicas=replica.num_replicas,
+        **scaling,
         max_ongoing_requests=replica.max_ongoing_requests,
         max_queued_requests=replica.max_queued_requests,
         health_check_period_s=replica.health_check_period_s,
@@ -97,7 +100,8 @@ def build_app(args: dict | AppConfig | None = None) -> Application:
     vis = _deployment(VisionEncoderDeployment, "VisionEncoder", config.vision_encoder,
                       shares["vision_encoder"]).bind(config)
     dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"]).bind(config, store)
-    trainer = _deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1}),
+    trainer = _deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1,
+                                                                              "autoscaling_config": None}),
                           shares["trainer"]).bind(config, store)
     return _deployment(Ingress, "Ingress", config.ingress).bind(config, pre, vis, dec, trainer, store)
 

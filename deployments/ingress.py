@@ -626,10 +626,10 @@ class Ingress:
         handles = {"preprocessor": self.preprocessor, "vision_encoder": self.vision, "decoder": self.decoder,
                    "trainer": self.trainer, "adapter_store": self.store}
         c = self.config
-        targets = {"preprocessor": ("Preprocessor", c.preprocessor.num_replicas),
-                   "vision_encoder": ("VisionEncoder", c.vision_encoder.num_replicas),
-                   "decoder": ("Decoder", c.decoder.num_replicas), "trainer": ("Trainer", 1),
-                   "ingress": ("Ingress", c.ingress.num_replicas)}
+        targets = {"preprocessor": ("Preprocessor", c.preprocessor.min_replicas),  # autoscaled: its minimum
+                   "vision_encoder": ("VisionEncoder", c.vision_encoder.min_replicas),
+                   "decoder": ("Decoder", c.decoder.min_replicas), "trainer": ("Trainer", 1),
+                   "ingress": ("Ingress", c.ingress.min_replicas)}
         report = await health_report(self._app_name(), handles, targets)
         return JSONResponse({"status": report["status"], "model": self.model_name, **report},
                             status_code=200 if report["status"] == "ok" else 503)

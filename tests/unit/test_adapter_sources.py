@@ -96,3 +96,4 @@ def test_config_paths_become_absolute_and_uris_stay(tiny_model_dir, monkeypatch,
                           "adapters": [{"name": "x", "path": "peft/x"}, {"name": "y", "path": "memory://m/y"}]})
     assert cfg.adapter_load_dirs == [str(tmp_path / "peft"), "s3://b/adapters"]
     assert [a.path for a in cfg.adapters] == [str(tmp_path / "peft" / "x"), "memory://m/y"]
+
