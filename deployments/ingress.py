@@ -159,11 +159,7 @@ class Ingress:
         return await limits.read_json(request, self.config.limits)
 
     async def _body(self, request: Request, model: type) -> Any:
-        body = await self._json(request)
-        try:
-            req = model.model_validate(body)
-        except ValidationError as e:
-            raise validation_error_to_api_error(e) from None
+        req = self._validated(await self._json(request), model)
         lim = self.config.limits
         limits.check_sampling_limits(req, lim, self.vocab_size)
         opt = req.optimal_sampling

@@ -40,10 +40,13 @@ def hub_name(app_name: str) -> str:
     return f"vlora-metrics-{app_name}"
 
 
+_HubActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(MetricsHub)
+
+
 def get_hub(app_name: str):
     """The app's hub (detached, restartable: a restarted one is full again after one push interval)."""
-    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(MetricsHub).options(
-        name=hub_name(app_name), namespace=HUB_NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+    return _HubActor.options(name=hub_name(app_name), namespace=HUB_NAMESPACE, lifetime="detached",
+                             get_if_exists=True).remote()
 
 
 def render(snapshots: list[tuple[str, str, list]]) -> bytes:

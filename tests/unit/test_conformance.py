@@ -106,7 +106,7 @@ def test_batch_and_token_id_prompts_answer_like_single_prompts(ingress, decoder,
             assert msg in err["message"]
         image_pad = ingress.prompts.builder.config.image_token_id
         err = error_of(await c.post("/v1/completions", json={**GREEDY, "prompt": [ids[0], image_pad]}), 400)
-        assert "vision tokens" in err["message"]
+        assert "vision tokens" in err["message"] and err["param"] == "prompt"
         await idle(decoder)
 
     run(go)
