@@ -2,6 +2,10 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# newer than pyproject.toml and constraints.txt: setup has nothing to install
+STAMP := $(VENV)/.installed
+# Ray's Prometheus endpoint under `make serve` (vlora's own metrics: /metrics on the API port)
+METRICS_PORT ?= 8080
 
 .PHONY: setup test serve unit
 
@@ -11,9 +15,12 @@ $(BIN)/python:
 
 # torch 2.13.0 is pinned first so pip takes the CPU wheel where one is provided locally;
 # constraints.txt holds the exact versions the suite was last run with.
-setup: $(BIN)/python
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q tests
@@ -22,4 +29,4 @@ unit: setup
 	$(BIN)/python -m pytest -q tests/unit
 
 serve: setup
-	$(BIN)/serve run serve_config.yaml
+	$(BIN)/python -m deployments.launch serve_config.yaml --metrics-export-port $(METRICS_PORT)

@@ -174,6 +174,12 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _same_weights(a: LoRAWeights, b: LoRAWeights) -> bool:
+    return (a.rank == b.rank and a.weights.keys() == b.weights.keys()
+            and all(torch.equal(a.weights[k][0], b.weights[k][0]) and torch.equal(a.weights[k][1], b.weights[k][1])
+                    for k in a.weights))
+
+
 def _check_weights(weights: LoRAWeights, lora_alpha: float, use_rslora: bool) -> None:
     """Structural checks that hold for any base model (the base-model fit is `validate`'s job)."""
     if not isinstance(weights, LoRAWeights):
@@ -322,10 +328,21 @@ class AdapterRegistry:
         (from peft_io) for a folder that is not a servable PEFT LoRA."""
         validate_adapter_name(name)
         files = read_files(str(folder), (CONFIG_NAME, WEIGHTS_NAME), max_file_bytes, allowed_dirs)
-        lw, cfg = parse_peft_adapter(files[CONFIG_NAME], files[WEIGHTS_NAME])
-        return self.publish(name, lw, lora_alpha=float(cfg.get("lora_alpha", lw.rank)),
-                            use_rslora=bool(cfg.get("use_rslora", False)), origin="loaded",
-                            source=str(folder))
+        return self.load_files(name, files, str(folder))
+
+    def load_files(self, name: str, files: dict[str, bytes | None], source: str,
+                   unless_current: bool = False) -> VersionInfo:
+        """Publish a PEFT adapter from its files' contents (read by `adapters.folders.read_files`).
+        With `unless_current`, an adapter whose current version holds the same weights, alpha and
+        rslora flag is left as it is (start-up registration: a restart publishes nothing new)."""
+        validate_adapter_name(name)
+        lw, cfg = parse_peft_adapter(files.get(CONFIG_NAME), files.get(WEIGHTS_NAME))
+        alpha, rslora = float(cfg.get("lora_alpha", lw.rank)), bool(cfg.get("use_rslora", False))
+        if unless_current and name in self.list():
+            info, current = self.weights(name)
+            if info.lora_alpha == alpha and info.use_rslora == rslora and _same_weights(current, lw):
+                return info
+        return self.publish(name, lw, lora_alpha=alpha, use_rslora=rslora, origin="loaded", source=source)
 
     def rollback(self, name: str, to_version: int | None = None) -> VersionInfo:
         """Publish a new version N+1 holding a copy of `to_version` (default: the retained version

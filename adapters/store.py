@@ -86,6 +86,12 @@ class AdapterStoreActor:
         """Publish a PEFT folder; the allow-list check and the read both happen here, where the files are read."""
         return await self._mutate(self.registry.load_folder, name, folder, allowed_dirs, max_file_bytes)
 
+    async def load_files(self, name: str, files: dict[str, bytes | None], source: str,
+                         unless_current: bool = False) -> dict:
+        """Publish a PEFT adapter read elsewhere: the start-up `adapters:` of the config, which the
+        application builder reads (operator-named sources, not subject to adapter_load_dirs)."""
+        return await self._mutate(self.registry.load_files, name, files, source, unless_current)
+
     async def rollback(self, name: str, to_version: int | None = None) -> dict:
         return await self._mutate(self.registry.rollback, name, to_version)
 

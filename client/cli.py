@@ -213,7 +213,10 @@ def _cmd_adapters_show(args) -> int:
 
 
 def _cmd_adapters_load(args) -> int:
-    info = _client(args).load_adapter(args.name, args.path)
+    # a folder given relative to here is sent absolute (the server resolves nothing against its own cwd);
+    # URIs (s3://, memory://, ...) and paths that exist only on the server go as typed
+    path = os.path.abspath(args.path) if "://" not in args.path and os.path.isdir(args.path) else args.path
+    info = _client(args).load_adapter(args.name, path)
     synced = info.get("replicas_synced")
     print(f"loaded {info.get('name', args.name)} version {info['version']} (rank {_opt(info.get('rank'))}"
           + (f", synced to {synced} replicas)" if synced is not None else ")"))

@@ -12,6 +12,8 @@ import os
 from ray import serve
 from ray.serve import Application
 
+from adapters.folders import is_remote, split_uri
+from deployments import limits
 from deployments.config import AppConfig
 from deployments.decoder import Decoder
 from deployments.ingress import Ingress
@@ -30,13 +32,37 @@ def _cluster_gpus() -> float:
 
 
 def _deployment(cls, name: str, replica, gpu_share: float = 0.0):
+    """A Serve deployment with the replica config's options; `autoscaling_config` replaces num_replicas."""
+    scaling = ({"autoscaling_config": replica.autoscaling_config} if replica.autoscaling_config is not None
+               else {"num_replicas": replica.num_replicas})
     return serve.deployment(cls, name=name).options(
-        num_replicas=replica.num_replicas,
+        **scaling,
         max_ongoing_requests=replica.max_ongoing_requests,
         max_queued_requests=replica.max_queued_requests,
         health_check_period_s=replica.health_check_period_s,
         ray_actor_options=actor_options(replica, gpu_share),
     )
+
+
+def _absolute(source: str) -> str:
+    """Local paths absolute (replicas may run elsewhere); URIs as they are."""
+    return source if is_remote(source) else os.path.abspath(split_uri(source)[1])
+
+
+def register_startup_adapters(config: AppConfig, store) -> list[dict]:
+    """`adapters:` of the config: read here (where the app is built) and published through the store;
+    an adapter whose current version already holds the same weights is left as it is."""
+    import ray
+
+    from adapters.folders import read_files
+    from adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME
+
+    out = []
+    for a in config.adapters:
+        limits.check_adapter_name(a.name, config.model_name)
+        files = read_files(a.path, (CONFIG_NAME, WEIGHTS_NAME), config.limits.max_adapter_file_bytes)
+        out.append(ray.get(store.load_files.remote(a.name, files, a.path, unless_current=True)))
+    return out
 
 
 def prepare_config(args: dict | AppConfig) -> AppConfig:
@@ -46,6 +72,8 @@ def prepare_config(args: dict | AppConfig) -> AppConfig:
         "model_dir": os.path.abspath(config.model_dir),
         "adapter_store_dir": os.path.abspath(config.adapter_store_dir),
         "served_model_name": config.model_name,
+        "adapter_load_dirs": [_absolute(d) for d in config.adapter_load_dirs],
+        "adapters": [a.model_copy(update={"path": _absolute(a.path)}) for a in config.adapters],
     })
     if not os.path.exists(os.path.join(config.model_dir, "config.json")):
         if not config.generate_tiny_model_if_missing:
@@ -66,12 +94,14 @@ def build_app(args: dict | AppConfig | None = None) -> Application:
         ray.init()
     store = get_or_create_store(config.adapter_store_dir, config.model_dir, config.engine.max_lora_rank,
                                 config.adapter_retention)
+    register_startup_adapters(config, store)
     shares = gpu_shares(config, _cluster_gpus())
     pre = _deployment(Preprocessor, "Preprocessor", config.preprocessor).bind(config)
     vis = _deployment(VisionEncoderDeployment, "VisionEncoder", config.vision_encoder,
                       shares["vision_encoder"]).bind(config)
     dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"]).bind(config, store)
-    trainer = _deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1}),
+    trainer = _deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1,
+                                                                              "autoscaling_config": None}),
                           shares["trainer"]).bind(config, store)
     return _deployment(Ingress, "Ingress", config.ingress).bind(config, pre, vis, dec, trainer, store)
 

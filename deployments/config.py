@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
@@ -22,6 +22,37 @@ class ReplicaConfig(_Strict):
         512, ge=-1, description="requests waiting for a replica before callers get 503 (-1 = unbounded)")
     health_check_period_s: float = Field(
         10.0, gt=0, description="how often Serve runs each replica's health check (a failed one is replaced)")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Serve's autoscaling_config, passed through as is (min_replicas, max_replicas, "
+                          "target_ongoing_requests, upscale_delay_s, downscale_delay_s, ...); replaces "
+                          "num_replicas. Serve scales on the requests queued and running per replica")
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _check_autoscaling(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Serve's own model checks it here, so a bad key fails at build time with Serve's message."""
+        if v is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            unknown = sorted(set(v) - set(AutoscalingConfig.model_fields))
+            if unknown:  # Serve would ignore them silently
+                raise ValueError(f"unknown autoscaling_config keys {unknown}; Serve's are "
+                                 f"{sorted(AutoscalingConfig.model_fields)}")
+            AutoscalingConfig(**v)
+        return v
+
+    @property
+    def min_replicas(self) -> int:
+        """Replicas that must run for the deployment to count as healthy."""
+        if self.autoscaling_config is None:
+            return self.num_replicas
+        return int(self.autoscaling_config.get("min_replicas", 1))
+
+    @property
+    def max_replicas(self) -> int:
+        if self.autoscaling_config is None:
+            return self.num_replicas
+        return int(self.autoscaling_config.get("max_replicas", 1))
 
 
 class VisionEncoderConfig(ReplicaConfig):
@@ -92,6 +123,14 @@ class RequestLimits(_Strict):
         3600.0, gt=0, description="a synchronous learn call answers 504 after this long (async jobs keep running)")
 
 
+class StartupAdapter(_Strict):
+    """An adapter registered when the application starts (vLLM's --lora-modules name=path)."""
+
+    name: str = Field(description="the model name it is served as")
+    path: str = Field(description="PEFT folder: a local path (relative to where the app is built) or an fsspec "
+                                  "URI (s3://, gs://, hf://, ...; the protocol's fsspec package installed)")
+
+
 class AppConfig(_Strict):
     model_dir: str = Field("models/tiny", description="checkpoint folder (HF layout)")
     generate_tiny_model_if_missing: bool = Field(
@@ -118,7 +157,10 @@ class AppConfig(_Strict):
     adapter_store_dir: str = Field("adapter_store", description="where the AdapterStore persists adapters")
     adapter_retention: int = Field(5, ge=1, description="versions kept per adapter (the current one always)")
     adapter_load_dirs: list[str] = Field(
-        default_factory=list, description="directories POST /v1/adapters may load PEFT folders from")
+        default_factory=list, description="where POST /v1/adapters may load PEFT folders from: local directories "
+                                          "and URI prefixes (s3://bucket/adapters, memory://x, ...)")
+    adapters: list[StartupAdapter] = Field(
+        default_factory=list, description="adapters registered at start-up (an unchanged one keeps its version)")
     preprocessor: ReplicaConfig = Field(default_factory=lambda: ReplicaConfig(num_replicas=2))
     vision_encoder: VisionEncoderConfig = Field(default_factory=VisionEncoderConfig)
     decoder: ReplicaConfig = Field(default_factory=ReplicaConfig)

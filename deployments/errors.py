@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adapters.folders import AdapterPathError
+from adapters.folders import AdapterPathError, AdapterSourceNotFoundError
 from adapters.peft_io import AdapterFormatError
 from adapters.registry import AdapterCorruptError, AdapterNameError, AdapterNotFoundError
 from deployments.openai_api import ApiError
@@ -27,6 +27,8 @@ def to_api_error(exc: BaseException) -> ApiError | None:
         return ApiError(404, str(exc), code="adapter_not_found")
     if isinstance(exc, AdapterCorruptError):
         return ApiError(500, f"stored adapter is corrupt: {exc}", type="server_error")
+    if isinstance(exc, AdapterSourceNotFoundError):
+        return ApiError(404, str(exc), param="path", code="adapter_source_not_found")
     if isinstance(exc, AdapterPathError):
         return ApiError(400, str(exc), param="path")
     if isinstance(exc, AdapterNameError):

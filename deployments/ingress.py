@@ -26,20 +26,25 @@ from deployments.auth import KeyCheck
 from deployments.config import AppConfig
 from deployments.errors import api_error_for
 from deployments.health import health_report
-from deployments.metrics import IngressMetrics, RequestRecord, get_logger
-from deployments.prompt_routes import PromptRoutes
+from deployments.metrics import IngressMetrics, RequestRecord, api_snapshot, get_logger
+from deployments.metrics_hub import get_hub as get_metrics_hub, render as render_metrics
+from deployments.prompt_batch import MergedStream, PromptBatch
+from deployments.prompt_routes import PromptRoutes, has_images
 from deployments.openai_api import (
     SSE_DONE,
     ApiError,
     attach_diagnostics,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     chat_completion_chunk,
     chat_completion_response,
     completion_chunk,
     completion_response,
     models_response,
     sse,
+    tokenize_response,
     validation_error_to_api_error,
 )
 from engine.model import TextConfig
@@ -106,6 +111,23 @@ def _chunk_diagnostics(deltas) -> dict[int, list[dict]]:
     return {c.index: c.diagnostics for c in deltas if c.diagnostics is not None}
 
 
+class _ChoiceUsage:
+    """vLLM's `stream_options.continuous_usage_stats` (with include_usage): each chunk's usage is its
+    choice's prompt tokens and the tokens that choice has generated so far."""
+
+    def __init__(self, req, gen):
+        self.on = req.include_usage and req.continuous_usage
+        self.batch = gen if isinstance(gen, PromptBatch) else None
+        self.generated: dict[int, int] = {}
+
+    def add(self, out: RequestOutput, delta) -> tuple[int, int] | None:
+        if not self.on:
+            return None
+        self.generated[delta.index] = self.generated.get(delta.index, 0) + len(delta.token_ids)
+        prompt = self.batch.prompt_tokens_of(delta.index) if self.batch else out.num_prompt_tokens
+        return prompt, self.generated[delta.index]
+
+
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: AppConfig, preprocessor, vision_encoder, decoder, trainer, store):
@@ -117,11 +139,13 @@ class Ingress:
         self.store = store
         self.model_name = config.model_name
         self.keys = KeyCheck(config.keys("api"), config.keys("admin"), config.admin_open, config.admin_keys_env)
-        self.vocab_size = TextConfig.from_pretrained(config.model_dir).vocab_size
+        self.text_config = TextConfig.from_pretrained(config.model_dir)
+        self.vocab_size = self.text_config.vocab_size
         self.created = int(time.time())
         self.prompts = PromptRoutes(config.model_dir, preprocessor, vision_encoder)
         self.tokenizer = self.prompts.tokenizer  # logprobs only: token texts
         self.metrics = IngressMetrics()
+        self._metrics_hub = None
         self._served: set[str] = {self.model_name}  # models seen served: safe metric labels for later errors
 
     # -- helpers ----------------------------------------------------------------------------
@@ -135,11 +159,7 @@ class Ingress:
         return await limits.read_json(request, self.config.limits)
 
     async def _body(self, request: Request, model: type) -> Any:
-        body = await self._json(request)
-        try:
-            req = model.model_validate(body)
-        except ValidationError as e:
-            raise validation_error_to_api_error(e) from None
+        req = self._validated(await self._json(request), model)
         lim = self.config.limits
         limits.check_sampling_limits(req, lim, self.vocab_size)
         opt = req.optimal_sampling
@@ -196,7 +216,7 @@ class Ingress:
                 self._finish(rec)
 
     async def _generate(self, rec: RequestRecord, stream: bool, source, sampling, adapter, explicit: bool,
-                        optimal=None, teacher=None):
+                        optimal=None, teacher=None, record: bool = True):
         """Call the Decoder. Streamed: (generator, first output), the first awaited within
         first_token_timeout_s so errors become 4xx before any byte is sent. Not streamed: (None, the
         whole output) from one unary call, within request_timeout_s.
@@ -233,11 +253,35 @@ class Ingress:
             if api.status >= 500:
                 log.error("request %s failed: %r", rec.request_id, exc)
             raise api from None
-        self._served_by(rec, out)
+        if record:
+            self._served_by(rec, out)
         return gen, out
 
+    async def _generate_batch(self, rec: RequestRecord, stream: bool, sources: list, sampling, adapter,
+                              explicit: bool):
+        """Every prompt of a batch at once, answered as one request (deployments/prompt_batch.py); the
+        first failure cancels the rest."""
+        tasks = [asyncio.ensure_future(self._generate(rec, stream, src, sampling, adapter, explicit, record=False))
+                 for src in sources]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+                elif not t.cancelled() and t.exception() is None and t.result()[0] is not None:
+                    t.result()[0].cancel()  # a started stream of another prompt
+            raise
+        if stream:
+            merged = MergedStream(sampling.n, [g for g, _ in results], [o for _, o in results])
+            self._served_by(rec, merged.first)
+            return merged, merged.first
+        out = PromptBatch(sampling.n, len(results)).merge_all([o for _, o in results])
+        self._served_by(rec, out)
+        return None, out
+
     def _headers(self, rid: str, out: RequestOutput) -> dict:
-        h = {"x-request-id": rid}  # Serve's proxy adds the client's (or its own) id in front
+        h = {}  # x-request-id: Serve's proxy sets it (the client's id, or its own) on every response
         if out.served_by:
             h["x-vlora-replica"] = out.served_by
         if out.adapter_version is not None:
@@ -282,15 +326,16 @@ class Ingress:
                                           explicit, opt, teacher)
         return self._respond(rec, req, sampling, gen, first, "chatcmpl", self._chat_stream, chat_completion_response)
 
-    def _respond(self, rec: RequestRecord, req, sampling, gen, first: RequestOutput, prefix: str, stream, build):
+    def _respond(self, rec: RequestRecord, req, sampling, gen, first: RequestOutput, prefix: str, stream, build,
+                 num_choices: int | None = None):
         """What both completion routes share: headers, then an SSE stream or one JSON body (from the
-        unary call's one output)."""
+        unary call's one output). `num_choices`: n times the prompts of a completions batch."""
         headers = self._headers(rec.request_id, first)
         cid, created, extra = f"{prefix}-{first.request_id}", int(time.time()), self._extra(first)
         if req.stream:
             return StreamingResponse(stream(first, gen, cid, created, req, req.include_usage, extra, rec),
                                      media_type="text/event-stream", headers=headers)
-        acc = _Accumulator(sampling.n)
+        acc = _Accumulator(num_choices or sampling.n)
         acc.add(first)
         fp = extra.pop("system_fingerprint")
         body = build(cid, req.model, created, acc.text, acc.finish, acc.logprobs if sampling.logprobs else None,
@@ -317,16 +362,16 @@ class Ingress:
         started: set[int] = set()
         last = first
         fp = extra.pop("system_fingerprint", None)
+        usage = _ChoiceUsage(req, gen)
         try:
             async for out in self._rest(first, gen, rec):
                 last = out
-                deltas = self._visible(out, started)
-                if deltas:
-                    chunk = chat_completion_chunk(cid, req.model, created, deltas, self._token_text,
-                                                  role_for={c.index for c in deltas} - started, extra=extra,
-                                                  system_fingerprint=fp)
-                    yield sse(attach_diagnostics(chunk, _chunk_diagnostics(deltas), summary=False))
-                    started.update(c.index for c in deltas)
+                for d in self._visible(out, started):  # one choice per chunk, as OpenAI and vLLM send them
+                    chunk = chat_completion_chunk(cid, req.model, created, [d], self._token_text,
+                                                  role_for={d.index} - started, extra=extra,
+                                                  system_fingerprint=fp, usage=usage.add(out, d))
+                    yield sse(attach_diagnostics(chunk, _chunk_diagnostics([d]), summary=False))
+                    started.add(d.index)
             rec.status = 200  # generation finished; what follows is the usage chunk and [DONE]
             if include_usage:
                 yield sse(chat_completion_chunk(cid, req.model, created, [], usage=(
@@ -352,31 +397,40 @@ class Ingress:
         self._resolve(rec, req.model, bool(req.stream))
         sampling = req.to_sampling_params(self.config.default_max_tokens)
         explicit = req.max_tokens is not None
-        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        prep = self.prompts.text(prompt)
+        preps = [self.prompts.text(p) if isinstance(p, str) else self.prompts.tokens(p, self.vocab_size)
+                 for p in req.prompt]
         opt = req.optimal_sampling
-        teacher = self.prompts.text(opt.teacher_prompt) if opt and opt.teacher_prompt else None
-        gen, first = await self._generate(rec, bool(req.stream), prep, sampling, self._adapter_for(req.model),
-                                          explicit, opt, teacher)
-        return self._respond(rec, req, sampling, gen, first, "cmpl", self._completion_stream, completion_response)
+        if len(preps) > 1:
+            if opt is not None:
+                raise ApiError(400, "optimal_sampling takes one prompt per request", param="prompt")
+            gen, first = await self._generate_batch(rec, bool(req.stream), preps, sampling,
+                                                    self._adapter_for(req.model), explicit)
+        else:
+            teacher = self.prompts.text(opt.teacher_prompt) if opt and opt.teacher_prompt else None
+            gen, first = await self._generate(rec, bool(req.stream), preps[0], sampling, self._adapter_for(req.model),
+                                              explicit, opt, teacher)
+        return self._respond(rec, req, sampling, gen, first, "cmpl", self._completion_stream, completion_response,
+                             num_choices=sampling.n * len(preps))
 
     async def _completion_stream(self, first, gen, cid, created, req, include_usage, extra,
                                  rec: RequestRecord) -> AsyncIterator[bytes]:
         last = first
         offsets: dict[int, int] = {}
         fp = extra.pop("system_fingerprint", None)
+        usage = _ChoiceUsage(req, gen)
         try:
             async for out in self._rest(first, gen, rec):
                 last = out
-                deltas = [c for c in out.choices if c.text or c.finish_reason or c.logprobs or c.diagnostics]
-                if deltas:
-                    chunk = completion_chunk(cid, req.model, created, deltas, self._token_text,
-                                             text_offsets=offsets, extra=extra, system_fingerprint=fp)
-                    yield sse(attach_diagnostics(chunk, _chunk_diagnostics(deltas), summary=False))
-                    for c in deltas:  # legacy text_offset counts each token's own text, as the unary answer does
-                        if c.logprobs:
-                            offsets[c.index] = offsets.get(c.index, 0) + sum(
-                                len(self._token_text(lp.token_id)) for lp in c.logprobs)
+                for c in out.choices:  # one choice per chunk, as OpenAI and vLLM send them
+                    if not (c.text or c.finish_reason or c.logprobs or c.diagnostics):
+                        continue
+                    chunk = completion_chunk(cid, req.model, created, [c], self._token_text,
+                                             text_offsets=offsets, extra=extra, system_fingerprint=fp,
+                                             usage=usage.add(out, c))
+                    yield sse(attach_diagnostics(chunk, _chunk_diagnostics([c]), summary=False))
+                    if c.logprobs:  # legacy text_offset counts each token's own text, as the unary answer does
+                        offsets[c.index] = offsets.get(c.index, 0) + sum(
+                            len(self._token_text(lp.token_id)) for lp in c.logprobs)
             rec.status = 200
             if include_usage:
                 yield sse(completion_chunk(cid, req.model, created, [], usage=(
@@ -397,6 +451,60 @@ class Ingress:
         listed = await self._call(self.store.list.remote())
         adapters = [{"name": n, "version": a["version"], "created": int(a["created"])} for n, a in sorted(listed.items())]
         return JSONResponse(models_response(self.model_name, adapters, self.created))
+
+    # -- vLLM's tokenizer routes -------------------------------------------------------------
+    async def _known_model(self, model: str | None) -> None:
+        """vLLM answers 404 for a model it does not serve (the tokenizer is the base model's for all)."""
+        if model is None or model == self.model_name:
+            return
+        if model not in await self._call(self.store.list.remote()):
+            raise ApiError.model_not_found(model)
+
+    def _max_model_len(self) -> int:
+        return self.config.engine.max_model_len or self.text_config.max_position_embeddings
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        """vLLM's /tokenize: a prompt as /v1/completions tokenizes it, or messages as /v1/chat/completions
+        renders them (image parts expanded to their image tokens)."""
+        self._auth(request)
+        req = self._validated(await self._json(request), TokenizeRequest)
+        await self._known_model(req.model)
+        tok = self.tokenizer
+        if req.prompt is not None:
+            add_special = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = tok(req.prompt, add_special_tokens=add_special)["input_ids"]
+        elif has_images(req.messages):
+            if not req.add_generation_prompt:
+                raise ApiError(400, "add_generation_prompt=false is not supported with image parts",
+                               param="add_generation_prompt")
+            prepared = await self._call(self.preprocessor.prepare_chat.remote(req.messages))
+            ids = prepared.prompt.token_ids
+        else:
+            try:
+                ids = self.prompts.builder.build_chat(req.messages, [], req.add_generation_prompt).token_ids
+            except Exception as exc:
+                raise api_error_for(exc) from None
+        strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return JSONResponse(tokenize_response(list(ids), self._max_model_len(), strs))
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        """vLLM's /detokenize: token ids back to text ({"prompt": ...})."""
+        self._auth(request)
+        req = self._validated(await self._json(request), DetokenizeRequest)
+        await self._known_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ApiError(400, f"tokens {bad[:5]} are outside the vocabulary [0, {self.vocab_size})", param="tokens")
+        return JSONResponse({"prompt": self.tokenizer.decode(req.tokens)})
+
+    @staticmethod
+    def _validated(body: dict, model: type) -> Any:
+        try:
+            return model.model_validate(body)
+        except ValidationError as e:
+            raise validation_error_to_api_error(e) from None
 
     # -- adapters (admin) -------------------------------------------------------------------
     async def _call(self, ref, timeout_s: float | None = None) -> Any:
@@ -459,6 +567,8 @@ class Ingress:
     async def rollback_adapter(self, name: str, request: Request):
         self._auth_admin(request)
         raw = await limits.read_body(request, self.config.limits.max_body_bytes)
+        if raw:
+            limits.check_json_content_type(request)
         body = limits.parse_json(raw, self.config.limits.max_json_depth) if raw else {}
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
@@ -512,10 +622,10 @@ class Ingress:
         handles = {"preprocessor": self.preprocessor, "vision_encoder": self.vision, "decoder": self.decoder,
                    "trainer": self.trainer, "adapter_store": self.store}
         c = self.config
-        targets = {"preprocessor": ("Preprocessor", c.preprocessor.num_replicas),
-                   "vision_encoder": ("VisionEncoder", c.vision_encoder.num_replicas),
-                   "decoder": ("Decoder", c.decoder.num_replicas), "trainer": ("Trainer", 1),
-                   "ingress": ("Ingress", c.ingress.num_replicas)}
+        targets = {"preprocessor": ("Preprocessor", c.preprocessor.min_replicas),  # autoscaled: its minimum
+                   "vision_encoder": ("VisionEncoder", c.vision_encoder.min_replicas),
+                   "decoder": ("Decoder", c.decoder.min_replicas), "trainer": ("Trainer", 1),
+                   "ingress": ("Ingress", c.ingress.min_replicas)}
         report = await health_report(self._app_name(), handles, targets)
         return JSONResponse({"status": report["status"], "model": self.model_name, **report},
                             status_code=200 if report["status"] == "ok" else 503)
@@ -526,6 +636,24 @@ class Ingress:
             return serve.get_replica_context().app_name
         except Exception:  # noqa: BLE001 - constructed outside Serve
             return "vlora"
+
+    @app.get("/metrics")
+    async def metrics(self):
+        """vLLM-compatible /metrics on the API port: every live replica's metrics (deployments/metrics_hub.py),
+        this replica's own read fresh."""
+        own = api_snapshot()
+        try:
+            ctx = serve.get_replica_context()
+            me = ctx.replica_id.unique_id
+            if self._metrics_hub is None:
+                self._metrics_hub = get_metrics_hub(ctx.app_name)
+            snaps = await asyncio.wait_for(self._metrics_hub.snapshots.remote(), 10)
+            snaps = [(d, r, f) for d, r, f in snaps if r != me] + [(ctx.deployment, me, own)]
+        except Exception:  # noqa: BLE001 - outside Serve, or the hub is restarting: this replica's own
+            self._metrics_hub = None
+            log.warning("reading the metrics hub failed; serving this replica's metrics only", exc_info=True)
+            snaps = [("Ingress", "local", own)]
+        return Response(render_metrics(snaps), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/")
     async def root(self):

@@ -69,9 +69,19 @@ def json_depth(value: Any, stop_at: int) -> int:
     return deepest
 
 
+def check_json_content_type(request) -> None:
+    """A JSON route takes `Content-Type: application/json` only: vLLM answers anything else with 400."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(400, f"Content-Type {media or '(none)'} is not supported: send the body as JSON with "
+                            "Content-Type: application/json", code="unsupported_media_type")
+
+
 async def read_json(request, limits) -> dict:
-    """The body as a JSON object, within `limits` (RequestLimits)."""
-    body = parse_json(await read_body(request, limits.max_body_bytes), limits.max_json_depth)
+    """The body as a JSON object (Content-Type application/json), within `limits` (RequestLimits)."""
+    raw = await read_body(request, limits.max_body_bytes)  # 413 first: decided from Content-Length
+    check_json_content_type(request)
+    body = parse_json(raw, limits.max_json_depth)
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body

@@ -14,23 +14,39 @@ and `_bucket` are exact but `_sum` is approximate (bucket midpoints): use histog
 not _sum/_count, for latencies. Buckets are fixed (never derived from config) because Ray drops
 data points whose buckets differ from the first registration on the node.
 
+The same metrics are also served on the API port (`GET /metrics` of the Ingress) under vLLM's own
+names and labels, so vLLM's dashboards and alerts work unchanged: `vllm:<name>` for every metric
+with a vLLM counterpart (VLLM_NAMES), `vlora:<name>` for the rest, with `deployment` and `replica`
+labels. Each replica keeps them in a local prometheus_client registry and pushes a snapshot every
+API_PUSH_INTERVAL_S to the app's MetricsHub actor (deployments/metrics_hub.py); a replica that stops
+pushing (dead, removed) drops out of /metrics after API_STALE_S.
+
 Label cardinality stays bounded: `model_name` is the base model's name or an adapter that
 exists (names arriving in requests are only used once the model resolved; anything else is
 `unknown`), statuses and finish reasons come from small fixed sets, and versions are gauge
 values, never labels. Outside a Serve replica (unit tests, the benchmarks' in-process engine)
-every metric is a no-op, so nothing here needs Ray to be running.
+only the process-local API-port registry records, so nothing here needs Ray to be running.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 PREFIX = "vlora_"
 EXPORT_PREFIX = "ray_"  # what Ray's exporter puts in front of every name
+# Served under vLLM's name on the API port's /metrics (vllm/v1/metrics/loggers.py); the rest as vlora:<name>.
+VLLM_NAMES = frozenset({
+    "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions", "prompt_tokens",
+    "generation_tokens", "request_success", "request_prompt_tokens", "request_generation_tokens",
+    "time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+    "request_queue_time_seconds", "lora_requests_info"})
+API_PUSH_INTERVAL_S = 1.0  # how often a replica sends its API-port metrics to the hub
+API_STALE_S = 5.0  # a replica silent this long (dead or removed) is left out of /metrics
 UNKNOWN_MODEL = "unknown"  # model_name of requests that failed before a model was resolved
 
 # Buckets: vLLM's (vllm/v1/metrics/loggers.py), extended below 10 ms where a small model or a
@@ -72,35 +88,76 @@ def in_replica() -> bool:
         return False
 
 
-class _NoOp:
-    def inc(self, *a, **k) -> None: ...
-    def set(self, *a, **k) -> None: ...
-    def observe(self, *a, **k) -> None: ...
-    def zero(self, *a, **k) -> None: ...
+def api_name(name: str) -> str:
+    """The name on the API port's /metrics: vLLM's for a metric vLLM has, else vlora's."""
+    return ("vllm:" if name in VLLM_NAMES else "vlora:") + name
+
+
+_API_REGISTRY = None  # this process's prometheus_client registry of API-port metrics
+_API_METRICS: dict[str, Any] = {}
+
+
+def api_registry():
+    global _API_REGISTRY
+    if _API_REGISTRY is None:
+        from prometheus_client import CollectorRegistry
+
+        _API_REGISTRY = CollectorRegistry(auto_describe=False)
+    return _API_REGISTRY
+
+
+def _api_metric(kind: str, name: str, doc: str, tags: tuple[str, ...], buckets: list[float] | None = None):
+    """The process's one prometheus_client metric for `name` (created on first use)."""
+    if name not in _API_METRICS:
+        import prometheus_client as pc
+
+        cls = {"counter": pc.Counter, "gauge": pc.Gauge, "histogram": pc.Histogram}[kind]
+        kw = {"buckets": buckets} if buckets is not None else {}
+        _API_METRICS[name] = cls(api_name(name), doc, labelnames=tags, registry=api_registry(), **kw)
+    return _API_METRICS[name]
 
 
 class _Metric:
-    """A Ray Serve metric with a zero() for counters (Prometheus advice: create series at 0)."""
+    """A Ray Serve metric (None outside a replica) and its API-port twin, with a zero() for counters
+    (Prometheus advice: create series at 0)."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, api):
         self._m = inner
+        self._api = api
+
+    def _child(self, tags: dict[str, str] | None):
+        return self._api.labels(**tags) if tags else self._api
 
     def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
         if value > 0:
-            self._m.inc(value, tags=tags)
+            if self._m is not None:
+                self._m.inc(value, tags=tags)
+            self._child(tags).inc(value)
 
     def set(self, value: float, tags: dict[str, str] | None = None) -> None:
-        self._m.set(value, tags=tags)
+        if self._m is not None:
+            self._m.set(value, tags=tags)
+        self._child(tags).set(value)
 
     def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
-        self._m.observe(value, tags=tags)
+        if self._m is not None:
+            self._m.observe(value, tags=tags)
+        self._child(tags).observe(value)
 
     def zero(self, tags: dict[str, str] | None = None) -> None:
         """Export a counter series at 0 before its first event, so rate() and alerts see it."""
+        self._child(tags)  # prometheus_client creates the labelled series at 0
+        if self._m is None:
+            return
         try:
             self._m._record(0, tags=tags)  # Counter.inc refuses 0; the record underneath takes it
         except Exception:  # noqa: BLE001 - cosmetic: the series then appears at its first inc
             pass
+
+    def replace(self, tags: dict[str, str], value: float) -> None:
+        """API port only: this series alone (vLLM's info gauges, whose labels carry the state)."""
+        self._api.clear()
+        self._child(tags).set(value)
 
 
 DEFINED: dict[str, str] = {}  # every metric name defined in this process -> counter | gauge | histogram
@@ -118,29 +175,76 @@ def exported_names(name: str, kind: str) -> list[str]:
 
 def _counter(name: str, doc: str, tags: tuple[str, ...] = ()) -> Any:
     DEFINED[PREFIX + name] = "counter"
+    api = _api_metric("counter", name, doc, tags)
     if not in_replica():
-        return _NoOp()
+        return _Metric(None, api)
     from ray.serve import metrics
 
-    return _Metric(metrics.Counter(PREFIX + name, description=doc, tag_keys=tags))
+    start_api_push()
+    return _Metric(metrics.Counter(PREFIX + name, description=doc, tag_keys=tags), api)
 
 
 def _gauge(name: str, doc: str, tags: tuple[str, ...] = ()) -> Any:
     DEFINED[PREFIX + name] = "gauge"
+    api = _api_metric("gauge", name, doc, tags)
     if not in_replica():
-        return _NoOp()
+        return _Metric(None, api)
     from ray.serve import metrics
 
-    return _Metric(metrics.Gauge(PREFIX + name, description=doc, tag_keys=tags))
+    start_api_push()
+    return _Metric(metrics.Gauge(PREFIX + name, description=doc, tag_keys=tags), api)
 
 
 def _histogram(name: str, doc: str, buckets: list[float], tags: tuple[str, ...] = ()) -> Any:
     DEFINED[PREFIX + name] = "histogram"
+    api = _api_metric("histogram", name, doc, tags, buckets)
     if not in_replica():
-        return _NoOp()
+        return _Metric(None, api)
     from ray.serve import metrics
 
-    return _Metric(metrics.Histogram(PREFIX + name, description=doc, boundaries=buckets, tag_keys=tags))
+    start_api_push()
+    return _Metric(metrics.Histogram(PREFIX + name, description=doc, boundaries=buckets, tag_keys=tags), api)
+
+
+def api_snapshot() -> list[tuple[str, str, str, list[tuple[str, dict, float]]]]:
+    """This process's API-port metrics as plain data: (name, type, help, [(sample, labels, value)])."""
+    out = []
+    for fam in api_registry().collect():
+        samples = [(s.name, dict(s.labels), float(s.value)) for s in fam.samples if not s.name.endswith("_created")]
+        out.append((fam.name, fam.type, fam.documentation, samples))
+    return out
+
+
+_PUSHER: threading.Thread | None = None
+
+
+def start_api_push() -> None:
+    """In a replica: push api_snapshot() to the app's MetricsHub every API_PUSH_INTERVAL_S (once per process)."""
+    global _PUSHER
+    if _PUSHER is not None:
+        return
+    _PUSHER = threading.Thread(target=_push_forever, name="vlora-api-metrics", daemon=True)
+    _PUSHER.start()
+
+
+def _push_forever() -> None:
+    from ray import serve
+
+    from deployments.metrics_hub import get_hub
+
+    ctx = serve.get_replica_context()
+    replica, deployment = ctx.replica_id.unique_id, ctx.deployment
+    hub, warned = None, False
+    while True:
+        time.sleep(API_PUSH_INTERVAL_S)
+        try:
+            hub = hub or get_hub(ctx.app_name)
+            hub.push.remote(replica, deployment, api_snapshot())
+        except Exception:  # noqa: BLE001 - metrics never take a replica down; retried next interval
+            hub = None
+            if not warned:
+                get_logger("vlora.metrics").warning("pushing API-port metrics failed", exc_info=True)
+                warned = True
 
 
 M = ("model_name",)
@@ -195,6 +299,11 @@ class DecoderMetrics:
         self.sync_seq = _gauge("adapter_sync_seq", "Store change sequence this replica has applied (lag = "
                                "max over replicas - this)", M)
         self.sync_errors = _counter("adapter_sync_errors", "Failed syncs with the AdapterStore (retried)", M)
+        # API port only (its labels change with the state; Ray's exporter has no way to drop old ones)
+        self.lora_info = _Metric(None, _api_metric(
+            "gauge", "lora_requests_info", "Running stats on LoRA requests (vLLM's): the labels name the adapters "
+            "with running / waiting requests; the value is when it was set",
+            ("running_lora_adapters", "waiting_lora_adapters", "max_lora")))
         for c in (self.preemptions, self.lora_slot_loads, self.sync_errors):
             c.zero(self.base)
         self._seen = {"num_preemptions": 0, "lora_slot_loads": 0}
@@ -213,6 +322,10 @@ class DecoderMetrics:
         for key, counter in (("num_preemptions", self.preemptions), ("lora_slot_loads", self.lora_slot_loads)):
             counter.inc(s[key] - self._seen[key], b)
             self._seen[key] = s[key]
+        if "running_adapters" in s:
+            self.lora_info.replace({"running_lora_adapters": ",".join(s["running_adapters"]),
+                                    "waiting_lora_adapters": ",".join(s["waiting_adapters"]),
+                                    "max_lora": str(s["lora_slots_total"])}, time.time())
 
     def record_versions(self, versions: dict[str, int], seq: int) -> None:
         for name, v in versions.items():

@@ -3,7 +3,7 @@
 Pure schema + conversion (no Ray, no engine state), so it is cheap to import anywhere and can be
 tested against the real `openai` SDK. Requests keep OpenAI's defaults (temperature 1, n 1) and
 reject, with a 400 naming the parameter, the features this server cannot honour (tools, JSON
-mode, batched prompts, echo) instead of silently ignoring them. Responses are plain dicts in
+mode, echo) instead of silently ignoring them. Responses are plain dicts in
 exactly the JSON shapes OpenAI returns, so the SDK parses them into its typed objects.
 """
 
@@ -34,6 +34,9 @@ __all__ = [
     "models_response",
     "sse",
     "SSE_DONE",
+    "TokenizeRequest",
+    "DetokenizeRequest",
+    "tokenize_response",
 ]
 
 OWNED_BY = "vlora"
@@ -165,7 +168,6 @@ _UNSUPPORTED_UNLESS: dict[str, Callable[[Any], bool]] = {
     "repetition_penalty": lambda v: v is None or v == 1,
     "length_penalty": lambda v: v is None or v == 1,
     "use_beam_search": lambda v: v in (None, False),
-    "min_tokens": lambda v: v in (None, 0),
     "bad_words": lambda v: v is None or v == [],
     "continue_final_message": lambda v: v in (None, False),
     "add_generation_prompt": lambda v: v in (None, True),
@@ -181,6 +183,11 @@ _CHAT_UNSUPPORTED_UNLESS: dict[str, Callable[[Any], bool]] = {
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM: every chunk carries the usage so far
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds: torch.long's range, as vLLM checks
+MAX_BATCH_PROMPTS = 64  # prompts of one /v1/completions request
 
 
 class _SamplingRequest(BaseModel):
@@ -197,7 +204,7 @@ class _SamplingRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: int | None = Field(None, ge=1, le=MAX_N)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -207,6 +214,7 @@ class _SamplingRequest(BaseModel):
     # vLLM-style extras
     top_k: int | None = None
     min_p: float | None = None
+    min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
@@ -249,6 +257,11 @@ class _SamplingRequest(BaseModel):
         """Whether a streamed response ends with a usage chunk (`stream_options.include_usage`)."""
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every streamed chunk carries the usage so far (vLLM's `continuous_usage_stats`)."""
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
+
     def _sampling_kwargs(self) -> dict[str, Any]:
         return dict(
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -263,6 +276,7 @@ class _SamplingRequest(BaseModel):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             n=self.n or 1,
+            min_tokens=self.min_tokens or 0,
         )
 
 
@@ -287,10 +301,13 @@ def _check_content_part(part: Any, role: str, where: str) -> None:
         if role != "user":
             raise _invalid(where, f"{where}: image parts are only allowed in user messages, not {role!r}")
         image_url = part.get("image_url")
-        url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
+        if not isinstance(image_url, Mapping):  # OpenAI's shape: {"url": ..., "detail"?}, never a bare string
+            raise _invalid(f"{where}.image_url", f"{where}.image_url must be an object "
+                                                 '{"url": "<http(s) or data: URL>"}, got ' + _short(image_url))
+        url = image_url.get("url")
         if not isinstance(url, str) or not url:
             raise _invalid(f"{where}.image_url.url", f"{where}.image_url.url must be a non-empty string (an http(s) or data: URL)")
-        detail = image_url.get("detail") if isinstance(image_url, Mapping) else None
+        detail = image_url.get("detail")
         if detail is not None and detail not in IMAGE_DETAILS:
             raise _invalid(f"{where}.image_url.detail", f"{where}.image_url.detail must be one of {', '.join(IMAGE_DETAILS)}, got {_short(detail)}")
     else:
@@ -406,14 +423,16 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class CompletionRequest(_SamplingRequest):
-    """POST /v1/completions (legacy): one text prompt; `logprobs` is the number of top logprobs (0..5).
+    """POST /v1/completions (legacy): `prompt` is a text, a list of token ids, or a batch of either
+    (kept as a list of prompts: str or list[int] each); `logprobs` is the number of top logprobs (0..5).
+    Choice `i * n + j` is sample j of prompt i, as OpenAI and vLLM number them.
 
     max_tokens defaults to 16 as in OpenAI's (and vLLM's) legacy endpoint.
     """
 
     DEFAULT_MAX_TOKENS: ClassVar[int] = 16
 
-    prompt: str
+    prompt: list[str | list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool | None = False
     suffix: str | None = None
@@ -421,16 +440,23 @@ class CompletionRequest(_SamplingRequest):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_text_prompt(cls, v: Any) -> Any:
+    def _prompts(cls, v: Any) -> Any:
+        """The four shapes OpenAI accepts, as a list of prompts."""
+        def token_ids(p: Any) -> bool:
+            return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+
         if isinstance(v, str):
-            return v
-        if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
-            if len(v) == 1:
-                return v[0]
-            raise _invalid("prompt", f"prompt: a list of {len(v)} prompts is not supported; send one request per prompt")
-        if isinstance(v, list) and v and all(isinstance(p, (int, list)) for p in v):
-            raise _invalid("prompt", "prompt: token-id prompts are not supported; send the prompt as text")
-        raise _invalid("prompt", "prompt must be a string (or a list of one string)")
+            prompts = [v]
+        elif token_ids(v):
+            prompts = [v]
+        elif isinstance(v, list) and v and all(isinstance(p, str) or token_ids(p) for p in v):
+            prompts = v
+        else:
+            raise _invalid("prompt", "prompt must be a string, a list of strings, a non-empty list of token ids, "
+                                     "or a list of such lists")
+        if len(prompts) > MAX_BATCH_PROMPTS:
+            raise _invalid("prompt", f"prompt: at most {MAX_BATCH_PROMPTS} prompts per request, got {len(prompts)}")
+        return prompts
 
     @model_validator(mode="after")
     def _check_unsupported(self):
@@ -696,3 +722,42 @@ def sse(data: Mapping[str, Any] | str) -> bytes:
     if not isinstance(data, str):
         data = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return b"data: " + data.encode("utf-8") + b"\n\n"
+
+
+# -------------------------------------------------------------------------------------------------
+# vLLM's tokenizer routes: POST /tokenize and POST /detokenize
+# -------------------------------------------------------------------------------------------------
+
+class TokenizeRequest(BaseModel):
+    """vLLM's TokenizeCompletionRequest (`prompt`) or TokenizeChatRequest (`messages`, chat template applied)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None  # vLLM's defaults: True for a prompt, False for messages
+    return_token_strs: bool = False
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise _invalid("prompt", "give exactly one of prompt (text) or messages (chat)")
+        if self.messages is not None:
+            check_messages(self.messages, "messages")
+        if self.continue_final_message:
+            raise _invalid("continue_final_message", "continue_final_message is not supported by this server")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    tokens: list[int]
+
+
+def tokenize_response(tokens: list[int], max_model_len: int, token_strs: list[str] | None) -> dict:
+    return {"count": len(tokens), "max_model_len": max_model_len, "tokens": tokens, "token_strs": token_strs}

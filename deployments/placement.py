@@ -31,6 +31,6 @@ def gpu_shares(config: AppConfig, cluster_gpus: float) -> dict[str, float]:
     if cluster_gpus <= 0 or config.device == "cpu":
         return {"vision_encoder": 0.0, "trainer": 0.0, "decoder": 0.0}
     vision, trainer = 0.1, 0.2
-    left = cluster_gpus - vision * config.vision_encoder.num_replicas - trainer * config.trainer.num_replicas
-    return {"vision_encoder": vision, "trainer": trainer,
-            "decoder": max(0.1, min(1.0, left / config.decoder.num_replicas))}
+    left = cluster_gpus - vision * config.vision_encoder.max_replicas - trainer * config.trainer.num_replicas
+    return {"vision_encoder": vision, "trainer": trainer,  # autoscaled: room for the most replicas
+            "decoder": max(0.1, min(1.0, left / config.decoder.max_replicas))}

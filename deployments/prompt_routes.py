@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from deployments.errors import to_api_error
 from deployments.messages import PreparedRequest
-from engine.prompts import PromptBuilder
+from deployments.openai_api import ApiError
+from engine.prompts import PromptBuilder, PromptError
 
 
 def has_images(messages: list[dict]) -> bool:
@@ -38,6 +39,13 @@ class PromptRoutes:
     def text(self, prompt: str) -> PreparedRequest:
         """/v1/completions: the prompt tokenized as is."""
         return self._local(self.builder.build_text, prompt)
+
+    def tokens(self, token_ids: list[int], vocab_size: int) -> PreparedRequest:
+        """/v1/completions: a prompt given as token ids (a bad one is a 400 naming `prompt`)."""
+        try:
+            return PreparedRequest(self.builder.build_tokens(token_ids, vocab_size))
+        except PromptError as exc:
+            raise ApiError(400, str(exc), param="prompt") from None
 
     @staticmethod
     def _local(build, *args) -> PreparedRequest:

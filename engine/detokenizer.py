@@ -89,12 +89,13 @@ class StopChecker:
         self.pending = ""  # seen but not yet released
         self.stopped: str | None = None  # the stop string that ended the sequence
 
-    def push(self, delta: str) -> tuple[str, bool]:
-        """Feed new text; return (text safe to release now, whether a stop string matched)."""
+    def push(self, delta: str, check: bool = True) -> tuple[str, bool]:
+        """Feed new text; return (text safe to release now, whether a stop string matched).
+        With `check` False (below min_tokens) everything is released unchecked."""
         if self.stopped is not None:
             return "", True
         buf = self.pending + delta
-        if not self.stops:
+        if not self.stops or not check:
             self.pending = ""
             return buf, False
         hit = find_stop(buf, self.stops)

@@ -160,7 +160,8 @@ class LLMEngine:
         for i in range(sampling.n):
             seq = Sequence(request_id, i, ids, sampling, prompt_positions=positions, rope_delta=rope_delta,
                            image_embeds=image_embeds, image_token_id=self.model.cfg.image_token_id)
-            seq.state = _SeqState(RowState.create(sampling, index=i), IncrementalDetokenizer(self.tokenizer),
+            seq.state = _SeqState(RowState.create(sampling, index=i, eos_token_ids=tuple(self.eos_token_ids)),
+                                  IncrementalDetokenizer(self.tokenizer),
                                   StopChecker(sampling.stop, sampling.include_stop_str_in_output))
             if optimal is not None:
                 seq.partner = Sequence(request_id, i, t_ids, sampling, prompt_positions=t_positions,
@@ -228,7 +229,10 @@ class LLMEngine:
     def state(self) -> dict:
         """Plain counts for gauges and /stats (read between steps by whoever hosts the engine)."""
         running = {s.request_id for s in self.scheduler.running}
+        adapters = {rid: r.adapter for rid, r in self.requests.items() if r.adapter}
         return {
+            "running_adapters": sorted({a for rid, a in adapters.items() if rid in running}),
+            "waiting_adapters": sorted({a for rid, a in adapters.items() if rid not in running}),
             "num_running": len(running),
             "num_waiting": len(self.requests) - len(running.intersection(self.requests)),
             "num_requests": len(self.requests),
@@ -322,7 +326,8 @@ class LLMEngine:
             text = st.stop.push(st.detok.flush())[0] + st.stop.flush()
             reason = "stop"
         else:
-            text, hit = st.stop.push(st.detok.push([token]))
+            # min_tokens: stop strings count only in text that arrives after the minimum (as vLLM)
+            text, hit = st.stop.push(st.detok.push([token]), check=len(seq.output_token_ids) > sp.min_tokens)
             if hit:
                 reason = "stop"
             elif len(seq.output_token_ids) >= sp.max_tokens or seq.num_tokens >= self.max_model_len:

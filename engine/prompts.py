@@ -240,6 +240,22 @@ class PromptBuilder:
         positions, rope_delta = mrope_positions(token_ids, [], self.config)
         return PreparedPrompt(token_ids=list(token_ids), positions=positions, rope_delta=rope_delta)
 
+    def build_tokens(self, token_ids: list[int], vocab_size: int) -> PreparedPrompt:
+        """Token ids for /v1/completions, used as given: each must be in [0, vocab_size) and none may be a
+        vision token (a prompt given as ids has no images)."""
+        if not token_ids:
+            raise PromptError("prompt is empty; give at least one token id")
+        bad = [t for t in token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise PromptError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        c = self.config
+        vision = {c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id}
+        found = sorted(vision.intersection(token_ids))
+        if found:
+            raise PromptError(f"prompt token ids {found} are vision tokens, which only an image part may place")
+        positions, rope_delta = mrope_positions(list(token_ids), [], self.config)
+        return PreparedPrompt(token_ids=list(token_ids), positions=positions, rope_delta=rope_delta)
+
     def _reject_special_tokens(self, normalized: list[dict]) -> None:
         """Message text is text: a special token in it is refused (400 naming the message)."""
         for i, message in enumerate(normalized):

@@ -51,6 +51,7 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
+    min_tokens: int = 0  # EOS and stop_token_ids are masked (and stop strings unchecked) until this many tokens
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -97,6 +98,11 @@ class SamplingParams:
             raise bad("top_logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}]")
         if self.top_logprobs > 0 and not self.logprobs:
             raise ValueError(f"top_logprobs={self.top_logprobs} requires logprobs=True")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise bad("min_tokens", "an integer >= 0")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
+                             f"got {self.min_tokens}")
 
     @property
     def greedy(self) -> bool:
@@ -152,10 +158,17 @@ class RowState:
     count_row: int = -1  # row of the shared penalty count buffer (-1: none yet)
     counted: int = 0  # how many of output_token_ids that row has counted
     counted_list: list[int] | None = None  # the list those were counted from (replaced list: recount)
+    min_tokens_blocked: tuple[int, ...] = ()  # ids masked while fewer than params.min_tokens are generated
 
     @classmethod
-    def create(cls, params: SamplingParams, index: int = 0, device: str | torch.device = "cpu") -> RowState:
-        return cls(params, [], None if params.seed is None else params.seed + index)
+    def create(cls, params: SamplingParams, index: int = 0, device: str | torch.device = "cpu",
+               eos_token_ids: tuple[int, ...] = ()) -> RowState:
+        """`eos_token_ids`: the model's EOS ids, masked with stop_token_ids until min_tokens (unless ignore_eos)."""
+        blocked = ()
+        if params.min_tokens:
+            eos = () if params.ignore_eos else tuple(eos_token_ids)
+            blocked = tuple(sorted(set(params.stop_token_ids) | set(eos)))
+        return cls(params, [], None if params.seed is None else params.seed + index, min_tokens_blocked=blocked)
 
 
 @dataclass(slots=True)
@@ -265,6 +278,18 @@ def _filter_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torc
     return sorted_logits.masked_fill(remove, float("-inf"))
 
 
+def mask_min_tokens(logits: torch.Tensor, rows: list[RowState]) -> torch.Tensor:
+    """vLLM's min_tokens: a row below its minimum cannot draw EOS or a stop token id (set to -inf).
+    Returns a new tensor when a row is masked, else `logits` itself."""
+    cells = [(i, t) for i, r in enumerate(rows) if r.min_tokens_blocked
+             and len(r.output_token_ids) < r.params.min_tokens for t in r.min_tokens_blocked]
+    if not cells:
+        return logits
+    idx = torch.tensor(cells, dtype=torch.long).to(logits.device)
+    return logits.index_put((idx[:, 0], idx[:, 1]), torch.tensor(float("-inf"), dtype=logits.dtype,
+                                                                  device=logits.device))
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
                   max_k: int | None = None, uses_top_p: bool | None = None) -> torch.Tensor:
     """Mask (to -inf) what HF's TopK -> TopP -> MinP warpers would remove, for per-row k / p / min_p.
@@ -319,7 +344,7 @@ class Sampler:
         if not rows:
             return SampleResult([], [], [])
         raw = logits
-        logits = apply_penalties(logits, rows)
+        logits = mask_min_tokens(apply_penalties(logits, rows), rows)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(sampled) == len(rows):
             tokens = self._draw(logits, rows)

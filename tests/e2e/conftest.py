@@ -41,8 +41,24 @@ def base_config(model_dir, store_dir, load_dir=None, **over) -> dict:
     return cfg
 
 
+def startup_adapters(hf_model, root) -> dict[str, tuple[str, object]]:
+    """Two PEFT adapters the `vlora` app registers at start-up (`adapters:` in its config): one from a
+    local folder, one from an fsspec memory:// URI (readable here, where the app is built).
+    {name: (source, local copy of the folder for the HF+PEFT oracle)}."""
+    import fsspec
+
+    from tests.unit.oracle import random_peft_adapter
+
+    local = random_peft_adapter(hf_model, root / "startup-local", seed=21, r=4, alpha=8)
+    mem = random_peft_adapter(hf_model, root / "startup-mem", seed=22, r=2, alpha=4)
+    fs = fsspec.filesystem("memory")
+    for f in mem.iterdir():
+        fs.pipe(f"/vlora-e2e/startup-mem/{f.name}", f.read_bytes())
+    return {"startup-local": (str(local), local), "startup-mem": ("memory://vlora-e2e/startup-mem", mem)}
+
+
 @pytest.fixture(scope="session")
-def serve_instance(tiny_model_dir, tmp_path_factory):
+def serve_instance(tiny_model_dir, tmp_path_factory, hf_model):
     import ray
     from ray import serve
 
@@ -57,7 +73,10 @@ def serve_instance(tiny_model_dir, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     store = tmp_path_factory.mktemp("store")
     uploads = tmp_path_factory.mktemp("uploads")  # the only place POST /v1/adapters may load from
-    serve.run(build_app(base_config(tiny_model_dir, store, uploads)), name="vlora", route_prefix="/")
+    startup = startup_adapters(hf_model, tmp_path_factory.mktemp("startup"))
+    serve.run(build_app(base_config(tiny_model_dir, store, uploads,
+                                    adapters=[{"name": n, "path": src} for n, (src, _) in startup.items()])),
+              name="vlora", route_prefix="/")
     # overload: also the app without admin keys (admin routes closed), with one adapter slot, and
     # whose Decoder test_security.py kills (Serve's 1 s health check replaces it).
     overload = base_config(tiny_model_dir, tmp_path_factory.mktemp("store2"),
@@ -65,7 +84,7 @@ def serve_instance(tiny_model_dir, tmp_path_factory):
                            decoder={"num_replicas": 1, "num_cpus": 0.1, "health_check_period_s": 1},
                            admin_keys_env="VLORA_OVERLOAD_ADMIN_KEYS")
     serve.run(build_app(overload), name="overload", route_prefix="/overload")
-    yield {"url": f"http://127.0.0.1:{port}", "store": store, "uploads": uploads,
+    yield {"url": f"http://127.0.0.1:{port}", "store": store, "uploads": uploads, "startup": startup,
            "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics"}
     serve.shutdown()
     ray.shutdown()

@@ -419,4 +419,15 @@ def test_a_decoder_process_dying_mid_request_is_a_503_or_an_in_band_error(base_u
     wait_replaced(base_url, prefix)
     r = chat(base_url, {"messages": user("still there?")}, prefix)
     assert r.status_code == 200 and r.headers["x-vlora-replica"] != killed
+    # /metrics on the API port: the dead replica's series leave within API_STALE_S, the new one's are there
+    from tests.unit.test_api_metrics import samples
+
+    deadline = time.time() + 20
+    while True:
+        page = httpx.get(f"{base_url}{prefix}/metrics").text
+        decoders = {lb["replica"] for n, lb, _ in samples(page) if n == "vllm:kv_cache_usage_perc"}
+        if decoders == {r.headers["x-vlora-replica"]}:
+            break
+        assert time.time() < deadline, (killed, decoders)
+        time.sleep(0.5)
     assert_serves(base_url, prefix)

@@ -220,11 +220,20 @@ def test_adapters_show_unknown_is_404(fake, capsys):
     assert capsys.readouterr().err == "error: 404 adapter 'nope' not found\n"
 
 
-def test_adapters_load_delete_and_errors(fake, capsys):
+def test_adapters_load_delete_and_errors(fake, capsys, tmp_path, monkeypatch):
     assert vlora(fake, "adapters", "load", "c3", "/srv/adapters/c3") == 0
     assert capsys.readouterr().out == "loaded c3 version 1 (rank 8, synced to 2 replicas)\n"
     post = fake.calls("POST")[-1]
     assert (post["path"], post["body"]) == ("/v1/adapters", {"name": "c3", "path": "/srv/adapters/c3"})
+
+    local = tmp_path / "peft_adapters" / "c4"  # a folder relative to the caller goes out absolute
+    local.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    vlora(fake, "adapters", "load", "c4", "peft_adapters/c4")  # (this fake allows /srv/adapters only: a 400)
+    assert fake.calls("POST")[-1]["body"] == {"name": "c4", "path": str(local)}
+    vlora(fake, "adapters", "load", "c5", "s3://bucket/c5")
+    assert fake.calls("POST")[-1]["body"] == {"name": "c5", "path": "s3://bucket/c5"}
+    capsys.readouterr()
 
     assert vlora(fake, "adapters", "load", "c3", "/etc") == 1
     captured = capsys.readouterr()

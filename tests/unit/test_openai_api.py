@@ -216,7 +216,7 @@ def test_sdk_completions_round_trip_and_stream():
         if err:
             return err
         params = req.to_sampling_params(default_max_tokens=500)
-        assert req.prompt == "Once upon" and params.logprobs and params.top_logprobs == 1
+        assert req.prompt == ["Once upon"] and params.logprobs and params.top_logprobs == 1
         assert params.max_tokens == 16  # OpenAI's legacy default
         logprobs = [[lp(1, -0.5, [(5, -0.4)]), lp(2, -0.25, [(2, -0.25)])]]
         if not req.stream:
@@ -367,10 +367,12 @@ def test_missing_fields_and_error_count():
 @pytest.mark.parametrize(
     "extra, param, message",
     [
-        ({"prompt": ["a", "b"]}, "prompt", "prompt: a list of 2 prompts is not supported; send one request per prompt"),
-        ({"prompt": [1, 2, 3]}, "prompt", "prompt: token-id prompts are not supported"),
-        ({"prompt": [[1, 2], [3]]}, "prompt", "prompt: token-id prompts are not supported"),
+        ({"prompt": ["a"] * 65}, "prompt", "prompt: at most 64 prompts per request, got 65"),
+        ({"prompt": [[1, 2], []]}, "prompt", "prompt must be a string, a list of strings, a non-empty list of token ids"),
+        ({"prompt": [1, True]}, "prompt", "prompt must be a string, a list of strings, a non-empty list of token ids"),
         ({"prompt": []}, "prompt", "prompt must be a string"),
+        ({"seed": 2**63}, "seed", "seed: Input should be less than or equal to 9223372036854775807"),
+        ({"min_tokens": -1}, "min_tokens", "min_tokens: Input should be greater than or equal to 0"),
         ({"echo": True}, "echo", "echo is not supported by this server"),
         ({"suffix": "end"}, "suffix", "suffix is not supported by this server"),
         ({"best_of": 3}, "best_of", "best_of is not supported by this server"),

@@ -1,0 +1,86 @@
+"""`make serve`: `serve run serve_config.yaml` on a local Ray with a fixed metrics port, and a
+"ready at http://..." line once the routes answer.
+
+`python -m deployments.launch serve_config.yaml [--metrics-export-port 8080]` starts a local Ray
+(Ray's Prometheus endpoint on the given port instead of a random one), deploys every application
+of the file as `serve run` does (import_path + args, route_prefix, http_options), polls the first
+application's /health until it answers 200, prints the URL, and serves until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+import httpx
+
+READY_POLL_S = 0.5
+
+
+def wait_until_ready(base_url: str, timeout_s: float, poll_s: float = READY_POLL_S) -> bool:
+    """True once GET {base_url}/health answers 200 (every deployment ready), False after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=15).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass  # the proxy is not listening yet
+        time.sleep(poll_s)
+    return False
+
+
+def _import(path: str):
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def base_url(config: dict) -> str:
+    http = config.get("http_options") or {}
+    host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    prefix = (config["applications"][0].get("route_prefix") or "/").rstrip("/")
+    return f"http://{shown}:{port}{prefix}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import yaml
+
+    ap = argparse.ArgumentParser(prog="python -m deployments.launch", description=__doc__.splitlines()[0])
+    ap.add_argument("config", help="Serve config file (serve_config.yaml)")
+    ap.add_argument("--metrics-export-port", type=int, default=8080, help="Ray's Prometheus endpoint port")
+    ap.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the routes to answer")
+    args = ap.parse_args(argv)
+    with open(args.config) as f:
+        config = yaml.safe_load(f)
+
+    import ray
+    from ray import serve
+
+    ray.init(_metrics_export_port=args.metrics_export_port)
+    http = config.get("http_options") or {}
+    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)},
+                proxy_location=config.get("proxy_location", "EveryNode"))
+    for app in config["applications"]:
+        serve.run(_import(app["import_path"])(app.get("args") or {}), name=app["name"],
+                  route_prefix=app.get("route_prefix", "/"), blocking=False)
+    url = base_url(config)
+    if not wait_until_ready(url, args.ready_timeout):
+        print(f"vlora did not become ready within {args.ready_timeout:g} s; see `serve status` and "
+              "/tmp/ray/session_latest/logs/serve/", file=sys.stderr, flush=True)
+        return 1
+    print(f"vlora ready at {url}/v1  (health: {url}/health, metrics: {url}/metrics, "
+          f"Ray metrics: http://127.0.0.1:{args.metrics_export_port}/metrics)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

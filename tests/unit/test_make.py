@@ -1,0 +1,79 @@
+"""The README's commands: `make setup` is a stamp target (a second `make serve` does no pip work, a
+changed pyproject.toml / constraints.txt reinstalls, a fresh clone installs everything), and
+`make serve` prints the ready URL only once the routes answer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments.launch import base_url, wait_until_ready
+from tests.unit.fake_server import FakeServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def dry_run(repo: Path, target: str) -> str:
+    out = subprocess.run(["make", "-n", target], cwd=repo, capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+@pytest.fixture
+def repo(tmp_path):
+    if shutil.which("make") is None:
+        pytest.fail("make is needed: the README's commands are make targets")
+    for name in ("Makefile", "pyproject.toml", "constraints.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    return tmp_path
+
+
+def test_setup_installs_on_a_fresh_clone_and_only_when_the_pins_change(repo):
+    fresh = dry_run(repo, "test")  # CI: `make test` on a fresh clone installs everything first
+    assert "-m venv .venv" in fresh and "pip install -q -c constraints.txt -e '.[test]'" in fresh
+    assert fresh.strip().endswith("python -m pytest -q tests")
+    (repo / ".venv/bin").mkdir(parents=True)
+    (repo / ".venv/bin/python").touch()
+    (repo / ".venv/.installed").touch()  # what a finished setup leaves
+    assert "Nothing to be done for 'setup'" in subprocess.run(["make", "setup"], cwd=repo, capture_output=True,
+                                                               text=True).stdout
+    serve = dry_run(repo, "serve")  # a second `make serve`: no pip at all
+    assert "pip" not in serve
+    assert serve.strip() == ".venv/bin/python -m deployments.launch serve_config.yaml --metrics-export-port 8080"
+    later = time.time() + 10
+    os.utime(repo / "constraints.txt", (later, later))  # a pin changed: install again
+    assert "pip install -q -c constraints.txt" in dry_run(repo, "setup")
+
+
+class SlowStart(FakeServer):
+    """/health is 404 (routes not deployed yet), then 503, then 200."""
+
+    def __init__(self):
+        super().__init__()
+        self.answers = [404, 503]
+
+    def route(self, method, path, body, headers):
+        assert path == "/health"
+        status = self.answers.pop(0) if self.answers else 200
+        return status, {"status": "ok" if status == 200 else "starting"}
+
+
+def test_ready_only_once_health_answers_200():
+    server = SlowStart()
+    try:
+        assert wait_until_ready(server.url, timeout_s=10, poll_s=0.01)
+        assert [r["path"] for r in server.requests] == ["/health"] * 3
+        server.answers = [503] * 1000
+        assert not wait_until_ready(server.url, timeout_s=0.2, poll_s=0.01)
+    finally:
+        server.close()
+
+
+def test_ready_url_of_the_shipped_config():
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    assert base_url(config) == "http://127.0.0.1:8000"
