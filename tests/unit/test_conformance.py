@@ -245,7 +245,7 @@ def test_min_tokens_matches_hf_min_new_tokens(decoder, ingress, hf_model):
     async def go():
         plain = await decoder.complete(prep, SamplingParams(max_tokens=8, temperature=0), None, "p")
         stop = plain.choices[0].token_ids[1]  # greedy's second token
-        eos = list(decoder.engine.engine.eos_token_ids)
+        eos = decoder.engine.call(lambda e: sorted(e.eos_token_ids)).result(30)
         for min_tokens in (0, 3):
             out = await decoder.complete(prep, SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[stop],
                                                               min_tokens=min_tokens), None, f"m{min_tokens}")
