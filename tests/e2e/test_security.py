@@ -398,13 +398,15 @@ def test_a_decoder_process_dying_mid_request_is_a_503_or_an_in_band_error(base_u
     def plain():
         out["plain"] = httpx.post(f"{base_url}{prefix}/v1/chat/completions", json=body, headers=AUTH, timeout=120)
 
+    handle = serve.get_deployment_handle("Decoder", app_name="overload")
     threads = [threading.Thread(target=streamed), threading.Thread(target=plain)]
     threads[0].start()
     assert streaming.wait(60), "the stream never started"
     threads[1].start()
-    time.sleep(1.0)  # the second request reaches the replica's queue
-    killed = serve.get_deployment_handle("Decoder", app_name="overload").crash_process_drill.remote().result(
-        timeout_s=30)
+    deadline = time.time() + 30
+    while handle.stats.remote().result(timeout_s=30)["num_requests"] < 2 and time.time() < deadline:
+        time.sleep(0.005)  # until the second request is in the replica's queue
+    killed = handle.crash_process_drill.remote().result(timeout_s=30)
     for t in threads:
         t.join(120)
     msg = "the replica serving this request stopped; retry the request"
