@@ -32,7 +32,8 @@ from engine.model_runner import ModelRunner
 from engine.optimal_sampling import OptimalSampler, OptimalSamplingParams
 from engine.output_stream import OutputStream, merge_outputs
 from engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
-from engine.sampling import RowState, Sampler, SamplingParams
+from engine.grammar import GrammarCache
+from engine.sampling import RowState, Sampler, SamplingParams, apply_grammar_masks, grammar_masks
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SeqStatus
 
@@ -115,10 +116,22 @@ class LLMEngine:
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(config.model_dir)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self.special_token_ids = frozenset(self.tokenizer.all_special_ids) | self.eos_token_ids
+        self._grammars: GrammarCache | None = None
+        self._grammars_lock = threading.Lock()
         self.requests: dict[str, _Request] = {}
         self._waiting_for_slot: deque[Sequence] = deque()
         self.num_preemptions = 0
         self.name: str | None = None  # set by whoever hosts the engine (e.g. the Decoder replica id)
+
+    @property
+    def grammars(self) -> GrammarCache:
+        """Compiled structured-output grammars for this tokenizer (made on first use: building the
+        tokenizer's xgrammar tables takes a moment on a real vocabulary)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCache(self.tokenizer, self.model.cfg.vocab_size, self.eos_token_ids,
+                                              self.config.max_grammars)
+            return self._grammars
 
     # -- adapters ---------------------------------------------------------------------------
     def add_lora(self, name: str, weights: LoRAWeights, version: int = 1) -> None:
@@ -153,12 +166,17 @@ class LLMEngine:
                 teacher_prompt, teacher_image_embeds = prompt, image_embeds
             t_ids, t_positions, t_delta = _prompt_parts(teacher_prompt)
             self._validate(t_ids, sampling, teacher_image_embeds, None)
+        grammar = None
+        if sampling.grammar is not None:  # compiled already when the caller warmed the cache (AsyncEngine does)
+            grammar = self.grammars.get(sampling.grammar)
         seqs = []
         for i in range(sampling.n):
             seq = Sequence(request_id, i, ids, sampling, prompt_positions=positions, rope_delta=rope_delta,
                            image_embeds=image_embeds, image_token_id=self.model.cfg.image_token_id)
             seq.state = _SeqState(RowState.create(sampling, index=i), IncrementalDetokenizer(self.tokenizer),
                                   StopChecker(sampling.stop, sampling.include_stop_str_in_output))
+            if grammar is not None:
+                seq.state.row.grammar = self.grammars.new_matcher(grammar)
             if optimal is not None:
                 seq.partner = Sequence(request_id, i, t_ids, sampling, prompt_positions=t_positions,
                                        rope_delta=t_delta, image_embeds=teacher_image_embeds,
@@ -271,7 +289,9 @@ class LLMEngine:
         z_t = torch.stack([s.partner.pending_logits for s in students])
         rows = [s.state.row for s in students]
         reqs = [self.requests[s.request_id] for s in students]
-        tokens, diags = self.optimal_sampler.sample(z_s, z_t, rows, [r.optimal for r in reqs],
+        masks = grammar_masks(rows, z_s.shape[1], z_s.device)  # q* restricted to the tokens a grammar allows
+        tokens, diags = self.optimal_sampler.sample(apply_grammar_masks(z_s, rows, masks),
+                                                    apply_grammar_masks(z_t, rows, masks), rows, [r.optimal for r in reqs],
                                                     [not s.output_token_ids for s in students], self.special_token_ids)
         lps, tops = self.sampler._logprobs(z_s, torch.tensor(tokens, device=z_s.device), rows)
         for j, seq in enumerate(students):
@@ -288,7 +308,12 @@ class LLMEngine:
         st.row.output_token_ids.append(token)
         lp = TokenLogprob(token, logprob, top or []) if sp.logprobs else None
         reason = None
-        if token in sp.stop_token_ids or (token in self.eos_token_ids and not sp.ignore_eos):
+        grammar_done = False
+        if st.row.grammar is not None:  # the matcher moves past the token; a finished grammar ends the row
+            if not st.row.grammar.accept_token(token):
+                log.error("request %s: the grammar rejected token %d it allowed", seq.request_id, token)
+            grammar_done = st.row.grammar.is_terminated()
+        if (token in sp.stop_token_ids or (token in self.eos_token_ids and not sp.ignore_eos)) or grammar_done:
             text = st.stop.push(st.detok.flush())[0] + st.stop.flush()
             reason = "stop"
         else:
@@ -403,6 +428,8 @@ class AsyncEngine:
         try:
             if self.error is not None:
                 raise self._dead()
+            if sampling.grammar is not None:  # compiled off the engine thread, so a slow schema stalls no stream
+                await asyncio.get_running_loop().run_in_executor(None, self.engine.grammars.get, sampling.grammar)
             await self.run(lambda e: e.add_request(prompt, sampling, adapter, image_embeds, rid, **optimal))
             while not finished:
                 out = await stream.next_batch()

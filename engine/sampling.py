@@ -13,8 +13,11 @@ import math
 import secrets
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from engine.grammar import GrammarSpec
 
 MAX_STOP_STRINGS = 16
 MAX_N = 16
@@ -51,6 +54,7 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: GrammarSpec | None = None  # structured outputs: what the text must match (engine/grammar.py)
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -95,6 +99,8 @@ class SamplingParams:
             raise bad("n", f"an integer in [1, {MAX_N}]")
         if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise bad("top_logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise bad("grammar", "a GrammarSpec or None")
         if self.top_logprobs > 0 and not self.logprobs:
             raise ValueError(f"top_logprobs={self.top_logprobs} requires logprobs=True")
 
@@ -152,6 +158,7 @@ class RowState:
     count_row: int = -1  # row of the shared penalty count buffer (-1: none yet)
     counted: int = 0  # how many of output_token_ids that row has counted
     counted_list: list[int] | None = None  # the list those were counted from (replaced list: recount)
+    grammar: Any = None  # structured outputs: an xgrammar GrammarMatcher at this row's next token (None: free)
 
     @classmethod
     def create(cls, params: SamplingParams, index: int = 0, device: str | torch.device = "cpu") -> RowState:
@@ -292,6 +299,42 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
+def grammar_masks(rows: list[RowState], vocab_size: int, device: torch.device):
+    """(row indices, [n, V] bool allowed) of the rows with a grammar, or None when no row has one.
+
+    The bitmasks are filled on the host by each row's matcher (1 bit per token), copied in one
+    transfer and unpacked on the device.
+    """
+    idx = [i for i, r in enumerate(rows) if r.grammar is not None]
+    if not idx:
+        return None
+    from engine.grammar import unpack_bitmask
+
+    host = torch.empty(len(idx), (vocab_size + 31) // 32, dtype=torch.int32,
+                       pin_memory=torch.device(device).type == "cuda")
+    for j, i in enumerate(idx):
+        rows[i].grammar.fill_next_token_bitmask(host, j)
+    return idx, unpack_bitmask(host.to(device, non_blocking=True), vocab_size)
+
+
+def apply_grammar_masks(logits: torch.Tensor, rows: list[RowState], masks=None) -> torch.Tensor:
+    """Structured outputs: `-inf` on every token a constrained row's grammar forbids next, in one
+    masked fill. Rows without a grammar are not touched, and with no constrained row the logits
+    come back as they are (no copy, no device work). `masks` reuses `grammar_masks`' result.
+    Returns a new tensor when it masks anything (input untouched).
+    """
+    masks = masks if masks is not None else grammar_masks(rows, logits.shape[1], logits.device)
+    if masks is None:
+        return logits
+    idx, allowed = masks
+    if len(idx) == len(rows):
+        return logits.masked_fill(~allowed, float("-inf"))
+    sel = torch.tensor(idx, dtype=torch.long).to(logits.device)
+    logits = logits.clone()
+    logits.index_put_((sel,), logits.index_select(0, sel).masked_fill_(~allowed, float("-inf")))
+    return logits
+
+
 _WORKSPACE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
 
@@ -305,7 +348,8 @@ def _workspace(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) 
 
 
 class Sampler:
-    """Batched sampler: penalties -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw.
+    """Batched sampler: penalties -> grammar masks -> greedy argmax, or temperature -> top-k -> top-p
+    -> min-p -> draw.
 
     Everything runs on the logits' device; the host only builds small per-row parameter tensors
     and reads the result back once per call. Logprobs are `log_softmax` of the RAW model logits
@@ -319,7 +363,7 @@ class Sampler:
         if not rows:
             return SampleResult([], [], [])
         raw = logits
-        logits = apply_penalties(logits, rows)
+        logits = apply_grammar_masks(apply_penalties(logits, rows), rows)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(sampled) == len(rows):
             tokens = self._draw(logits, rows)
