@@ -428,8 +428,9 @@ class AsyncEngine:
         try:
             if self.error is not None:
                 raise self._dead()
-            if sampling.grammar is not None:  # compiled off the engine thread, so a slow schema stalls no stream
-                await asyncio.get_running_loop().run_in_executor(None, self.engine.grammars.get, sampling.grammar)
+            grammar = getattr(sampling, "grammar", None)
+            if grammar is not None:  # compiled off the engine thread, so a slow schema stalls no stream
+                await asyncio.get_running_loop().run_in_executor(None, self.engine.grammars.get, grammar)
             await self.run(lambda e: e.add_request(prompt, sampling, adapter, image_embeds, rid, **optimal))
             while not finished:
                 out = await stream.next_batch()
