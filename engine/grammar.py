@@ -12,6 +12,7 @@ The token masks themselves are applied in engine/sampling.py (`apply_grammar_mas
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ import torch
 KINDS = ("json_schema", "json_object", "regex", "choice", "tool_call")
 # JSON as Qwen's template and json.dumps write it: ", " between items, ": " after keys.
 _SEPARATORS = (", ", ": ")
+_SOURCE_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
 
 
 class GrammarError(ValueError):
@@ -120,6 +122,7 @@ def build_grammar(spec: GrammarSpec):
         what = {"json_schema": "JSON schema", "regex": "regex", "choice": "choice list",
                 "tool_call": "tool parameters schema"}.get(spec.kind, spec.kind)
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = _SOURCE_PREFIX.sub("", reason)  # xgrammar's "[hh:mm:ss] file.cc:line: " prefix
         raise GrammarError(f"the {what} cannot be used for constrained decoding: {reason}") from None
     raise GrammarError(f"unknown grammar kind {spec.kind!r}")
 
