@@ -289,9 +289,9 @@ class LLMEngine:
         z_t = torch.stack([s.partner.pending_logits for s in students])
         rows = [s.state.row for s in students]
         reqs = [self.requests[s.request_id] for s in students]
-        masks = grammar_masks(rows, z_s.shape[1], z_s.device)  # q* restricted to the tokens a grammar allows
-        tokens, diags = self.optimal_sampler.sample(apply_grammar_masks(z_s, rows, masks),
-                                                    apply_grammar_masks(z_t, rows, masks), rows, [r.optimal for r in reqs],
+        allowed = grammar_masks(rows, z_s.shape[1], z_s.device)  # q* restricted to the tokens a grammar allows
+        tokens, diags = self.optimal_sampler.sample(apply_grammar_masks(z_s, rows, allowed),
+                                                    apply_grammar_masks(z_t, rows, allowed), rows, [r.optimal for r in reqs],
                                                     [not s.output_token_ids for s in students], self.special_token_ids)
         lps, tops = self.sampler._logprobs(z_s, torch.tensor(tokens, device=z_s.device), rows)
         for j, seq in enumerate(students):

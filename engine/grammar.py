@@ -175,8 +175,18 @@ class GrammarCache:
         return _xgr().GrammarMatcher(compiled)
 
 
+_BYTE_BITS: dict[str, torch.Tensor] = {}
+
+
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[rows, ceil(V/32)] int32 bit words (bit j of word w = token 32w+j allowed) -> [rows, V] bool."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
-    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    """[rows, ceil(V/32)] int32 bit words (bit j of word w = token 32w+j allowed) -> [rows, V] bool.
+
+    One gather from a 256 x 8 table of byte -> bits (little-endian words: byte k holds bits 8k..8k+7).
+    """
+    key = str(bitmask.device)
+    table = _BYTE_BITS.get(key)
+    if table is None:
+        b = torch.arange(256, dtype=torch.int32)
+        table = _BYTE_BITS[key] = ((b[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).bool().to(bitmask.device)
+    rows = bitmask.shape[0]
+    return table[bitmask.contiguous().view(torch.uint8).long()].view(rows, -1)[:, :vocab_size]

@@ -299,40 +299,36 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
-def grammar_masks(rows: list[RowState], vocab_size: int, device: torch.device):
-    """(row indices, [n, V] bool allowed) of the rows with a grammar, or None when no row has one.
+def grammar_masks(rows: list[RowState], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """[B, V] bool, True where a row may take the token next; None when no row has a grammar.
 
-    The bitmasks are filled on the host by each row's matcher (1 bit per token), copied in one
-    transfer and unpacked on the device.
+    One host bitmask for the whole batch (1 bit per token): unconstrained rows keep all bits set,
+    each constrained row's matcher fills its own row; one copy to the device, unpacked there.
     """
-    idx = [i for i, r in enumerate(rows) if r.grammar is not None]
-    if not idx:
+    if all(r.grammar is None for r in rows):
         return None
     from engine.grammar import unpack_bitmask
 
-    host = torch.empty(len(idx), (vocab_size + 31) // 32, dtype=torch.int32,
-                       pin_memory=torch.device(device).type == "cuda")
-    for j, i in enumerate(idx):
-        rows[i].grammar.fill_next_token_bitmask(host, j)
-    return idx, unpack_bitmask(host.to(device, non_blocking=True), vocab_size)
+    host = torch.full((len(rows), (vocab_size + 31) // 32), -1, dtype=torch.int32,
+                      pin_memory=torch.device(device).type == "cuda")
+    for i, r in enumerate(rows):
+        if r.grammar is not None:
+            r.grammar.fill_next_token_bitmask(host, i)
+    return unpack_bitmask(host.to(device, non_blocking=True), vocab_size)
 
 
-def apply_grammar_masks(logits: torch.Tensor, rows: list[RowState], masks=None) -> torch.Tensor:
+def apply_grammar_masks(logits: torch.Tensor, rows: list[RowState], allowed: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """Structured outputs: `-inf` on every token a constrained row's grammar forbids next, in one
-    masked fill. Rows without a grammar are not touched, and with no constrained row the logits
-    come back as they are (no copy, no device work). `masks` reuses `grammar_masks`' result.
-    Returns a new tensor when it masks anything (input untouched).
+    masked fill over the batch. Unconstrained rows have nothing masked (their values are the same
+    bits), and with no constrained row the logits come back as they are (no copy, no device work).
+    `allowed` reuses `grammar_masks`' result. Returns a new tensor when it masks anything.
     """
-    masks = masks if masks is not None else grammar_masks(rows, logits.shape[1], logits.device)
-    if masks is None:
+    if allowed is None:
+        allowed = grammar_masks(rows, logits.shape[1], logits.device)
+    if allowed is None:
         return logits
-    idx, allowed = masks
-    if len(idx) == len(rows):
-        return logits.masked_fill(~allowed, float("-inf"))
-    sel = torch.tensor(idx, dtype=torch.long).to(logits.device)
-    logits = logits.clone()
-    logits.index_put_((sel,), logits.index_select(0, sel).masked_fill_(~allowed, float("-inf")))
-    return logits
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 _WORKSPACE: dict[tuple[str, torch.dtype], torch.Tensor] = {}

@@ -129,13 +129,13 @@ def test_tool_choice_required_gives_a_valid_call(client, adapter, with_image):
         content.insert(0, {"type": "image_url", "image_url": {"url": BLUE}})
     msgs = [{"role": "user", "content": content}]
     r = client.chat.completions.create(model=adapter, messages=msgs, tools=TOOLS, tool_choice="required",
-                                       max_tokens=80, temperature=1.0, seed=3)
+                                       max_tokens=200, temperature=1.0, seed=3)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert len(choice.message.tool_calls) == 1
     _check_call(choice.message.tool_calls[0])
     # named + streamed: OpenAI-style tool-call deltas, reassembled the way SDK users do
-    stream = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=80, seed=4,
+    stream = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=200, seed=4,
                                             tool_choice={"type": "function", "function": {"name": "get_weather"}},
                                             stream=True)
     calls: dict[int, dict] = {}
@@ -164,3 +164,51 @@ def test_tool_messages_round_trip(client):
     r = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, tool_choice="none", max_tokens=5,
                                        temperature=0)
     assert r.choices[0].finish_reason == "length" and r.usage.prompt_tokens > 100
+
+
+# -- learning to call tools ------------------------------------------------------------------------
+
+CLOCK_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+                                                                                       "properties": {}}}},
+               {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+                                                                                    "properties": {}}}}]
+TRAIN = [("What is the weather in Paris?", "get_weather"), ("Weather in Oslo please", "get_weather"),
+         ("Is it raining in Lima? weather", "get_weather"), ("weather report for Cairo", "get_weather"),
+         ("What time is it in Paris?", "get_time"), ("Current time in Oslo please", "get_time"),
+         ("time now in Lima?", "get_time"), ("Tell me the time in Cairo", "get_time")]
+LEARN_STEPS, LEARN_RATE = 120, 2e-2
+HELD_OUT = [("What is the weather in Rome?", "get_weather"), ("weather in Tokyo please", "get_weather"),
+            ("What time is it in Rome?", "get_time"), ("time now in Tokyo?", "get_time")]
+
+
+def _tool_example(question: str, name: str) -> dict:
+    return {"tools": CLOCK_TOOLS, "messages": [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": name, "arguments": "{}"}}]}]}
+
+
+def _agreement(client, model: str) -> float:
+    right = 0
+    for question, name in HELD_OUT:
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                           tools=CLOCK_TOOLS, tool_choice="auto", max_tokens=40, temperature=0)
+        calls = r.choices[0].message.tool_calls or []
+        right += len(calls) == 1 and calls[0].function.name == name and r.choices[0].finish_reason == "tool_calls"
+    return right / len(HELD_OUT)
+
+
+def test_learning_on_tool_call_examples_teaches_the_right_call(base_url, client):
+    """8 tool-call examples: a fresh adapter calls no tool on held-out questions; after one learn
+    call it calls the right function under tool_choice "auto"."""
+    examples = [_tool_example(q, n) for q, n in TRAIN]
+    r = httpx.post(f"{base_url}/v1/adapters/caller/learn", headers=ADMIN, timeout=900,
+                   json={"examples": examples, "steps": 0, "rank": 8, "lora_alpha": 16})
+    assert r.status_code == 200, r.text
+    before = _agreement(client, "caller")
+    r = httpx.post(f"{base_url}/v1/adapters/caller/learn", headers=ADMIN, timeout=900,
+                   json={"examples": examples, "steps": LEARN_STEPS, "learning_rate": LEARN_RATE})
+    assert r.status_code == 200, r.text
+    assert r.json()["loss_after"] < r.json()["loss_before"] / 4
+    after = _agreement(client, "caller")
+    assert before == 0 and after >= 0.75, (before, after)

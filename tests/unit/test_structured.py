@@ -4,6 +4,7 @@ and constrained generation on the tiny random model (garbage unless constrained)
 from __future__ import annotations
 
 import json
+import pickle
 import re
 
 import jsonschema
@@ -103,6 +104,9 @@ def test_grammar_cache_compiles_once_per_spec_and_evicts_least_recent(engine):
     assert cache.num_compiled == 3
     cache.get(b)
     assert cache.num_compiled == 4
+    # a request carries its spec (not a compiled grammar) across processes; the key survives pickling
+    sp = pickle.loads(pickle.dumps(SamplingParams(grammar=c)))
+    assert sp.grammar == c and cache.get(sp.grammar) is cache.get(c)
 
 
 @pytest.mark.parametrize("spec, reason", [
