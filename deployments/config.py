@@ -47,6 +47,8 @@ class EngineLimits(_Strict):
         256, ge=0, description="requests queued inside a Decoder replica before new ones get 503")
     enforce_eager: bool = Field(
         False, description="never capture CUDA graphs for decode steps (GPU only; for debugging or profiling)")
+    max_grammars: int = Field(
+        64, ge=1, description="compiled structured-output grammars kept per replica (least recently used evicted)")
 
 
 class ImageLimits(_Strict):

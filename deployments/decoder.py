@@ -48,7 +48,8 @@ class Decoder:
             model_dir=config.model_dir, device=device, dtype=dtype, block_size=lim.block_size,
             kv_cache_memory_bytes=lim.kv_cache_memory_mb * 2**20, max_num_seqs=lim.max_num_seqs,
             max_num_batched_tokens=max(lim.max_num_batched_tokens, lim.max_num_seqs), max_model_len=lim.max_model_len,
-            max_loras=lim.max_loras, max_lora_rank=lim.max_lora_rank, enforce_eager=lim.enforce_eager)))
+            max_loras=lim.max_loras, max_lora_rank=lim.max_lora_rank, enforce_eager=lim.enforce_eager,
+            max_grammars=lim.max_grammars)))
         self.replica_id = _replica_id()
         self._inflight = 0  # generate() calls admitted and not yet finished
         self.engine.engine.name = self.replica_id

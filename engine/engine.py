@@ -24,6 +24,7 @@ import torch
 
 from engine.config import LORA_TARGET_MODULES, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from engine.grammar import GrammarCache
 from engine.kv_cache import KVBlockPool, KVCache
 from engine.lora import AdapterSlots, LoRAWeights
 from engine.lora_manager import LoRAManager
@@ -32,7 +33,6 @@ from engine.model_runner import ModelRunner
 from engine.optimal_sampling import OptimalSampler, OptimalSamplingParams
 from engine.output_stream import OutputStream, merge_outputs
 from engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
-from engine.grammar import GrammarCache
 from engine.sampling import RowState, Sampler, SamplingParams, apply_grammar_masks, grammar_masks
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SeqStatus
@@ -290,9 +290,9 @@ class LLMEngine:
         rows = [s.state.row for s in students]
         reqs = [self.requests[s.request_id] for s in students]
         allowed = grammar_masks(rows, z_s.shape[1], z_s.device)  # q* restricted to the tokens a grammar allows
-        tokens, diags = self.optimal_sampler.sample(apply_grammar_masks(z_s, rows, allowed),
-                                                    apply_grammar_masks(z_t, rows, allowed), rows, [r.optimal for r in reqs],
-                                                    [not s.output_token_ids for s in students], self.special_token_ids)
+        tokens, diags = self.optimal_sampler.sample(
+            apply_grammar_masks(z_s, rows, allowed), apply_grammar_masks(z_t, rows, allowed), rows,
+            [r.optimal for r in reqs], [not s.output_token_ids for s in students], self.special_token_ids)
         lps, tops = self.sampler._logprobs(z_s, torch.tensor(tokens, device=z_s.device), rows)
         for j, seq in enumerate(students):
             seq.pending_logits = seq.partner.pending_logits = None
@@ -310,9 +310,10 @@ class LLMEngine:
         reason = None
         grammar_done = False
         if st.row.grammar is not None:  # the matcher moves past the token; a finished grammar ends the row
-            if not st.row.grammar.accept_token(token):
+            accepted = st.row.grammar.accept_token(token)
+            if not accepted:  # the mask allowed it, so this is a bug: end the row rather than go on unconstrained
                 log.error("request %s: the grammar rejected token %d it allowed", seq.request_id, token)
-            grammar_done = st.row.grammar.is_terminated()
+            grammar_done = not accepted or st.row.grammar.is_terminated()
         if (token in sp.stop_token_ids or (token in self.eos_token_ids and not sp.ignore_eos)) or grammar_done:
             text = st.stop.push(st.detok.flush())[0] + st.stop.flush()
             reason = "stop"

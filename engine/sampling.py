@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from engine.grammar import GrammarSpec
+from engine.grammar import GrammarSpec, unpack_bitmask
 
 MAX_STOP_STRINGS = 16
 MAX_N = 16
@@ -307,8 +307,6 @@ def grammar_masks(rows: list[RowState], vocab_size: int, device: torch.device) -
     """
     if all(r.grammar is None for r in rows):
         return None
-    from engine.grammar import unpack_bitmask
-
     host = torch.full((len(rows), (vocab_size + 31) // 32), -1, dtype=torch.int32,
                       pin_memory=torch.device(device).type == "cuda")
     for i, r in enumerate(rows):
