@@ -145,6 +145,7 @@ class GrammarCache:
         self.max_entries = max_entries
         self._compiled: OrderedDict[GrammarSpec, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._pending: dict[GrammarSpec, threading.Event] = {}  # specs being compiled now
         self.num_compiled = 0  # compilations run (misses)
 
     def __len__(self) -> int:
@@ -154,20 +155,38 @@ class GrammarCache:
         return spec in self._compiled
 
     def get(self, spec: GrammarSpec):
-        """The compiled grammar of `spec`, compiling it on a miss (GrammarError if it cannot be)."""
+        """The compiled grammar of `spec`, compiling it on a miss (GrammarError if it cannot be).
+        Concurrent misses on one spec compile it once: the others wait for that compilation."""
         with self._lock:
             hit = self._compiled.get(spec)
             if hit is not None:
                 self._compiled.move_to_end(spec)
                 return hit
-        compiled = self.compiler.compile_grammar(build_grammar(spec))
-        with self._lock:
-            self.num_compiled += 1
-            self._compiled[spec] = compiled
-            self._compiled.move_to_end(spec)
-            while len(self._compiled) > self.max_entries:
-                self._compiled.popitem(last=False)
-        return compiled
+            pending = self._pending.get(spec)
+            if pending is None:
+                pending = self._pending[spec] = threading.Event()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            pending.wait()
+            with self._lock:
+                hit = self._compiled.get(spec)
+            if hit is not None:
+                return hit
+            return self.get(spec)  # the other compilation failed (or was evicted at once): try ourselves
+        try:
+            compiled = self.compiler.compile_grammar(build_grammar(spec))
+            with self._lock:
+                self.num_compiled += 1
+                self._compiled[spec] = compiled
+                while len(self._compiled) > self.max_entries:
+                    self._compiled.popitem(last=False)
+            return compiled
+        finally:
+            with self._lock:
+                self._pending.pop(spec, None)
+            pending.set()
 
     @staticmethod
     def new_matcher(compiled):

@@ -109,6 +109,16 @@ def test_grammar_cache_compiles_once_per_spec_and_evicts_least_recent(engine):
     assert sp.grammar == c and cache.get(sp.grammar) is cache.get(c)
 
 
+def test_concurrent_misses_compile_a_spec_once(engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = GrammarCache(engine.tokenizer, engine.model.cfg.vocab_size, engine.eos_token_ids)
+    spec = GrammarSpec.json_schema(SCHEMA)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: cache.get(spec), range(8)))
+    assert cache.num_compiled == 1 and all(g is got[0] for g in got)
+
+
 @pytest.mark.parametrize("spec, reason", [
     (lambda: GrammarSpec.json_schema({"type": "nonsense"}), "JSON schema"),
     (lambda: GrammarSpec.regex("(unclosed"), "regex"),
