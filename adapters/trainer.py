@@ -127,7 +127,10 @@ class LoRATrainer:
     # ---- data -----------------------------------------------------------------------------
 
     def tokenize_example(self, example: dict, index: int = 0) -> TrainingExample:
-        """Render one `{"messages": [...]}` example; raises TrainingDataError naming `index`."""
+        """Render one `{"messages": [...], "tools": [...]?}` example; raises TrainingDataError naming `index`.
+
+        Assistant turns are the targets, tool calls included (their `<tool_call>` text is part of the
+        turn); `tool` results and everything else are context."""
         where = f"example {index}"
         if not isinstance(example, dict) or not isinstance(example.get("messages"), list):
             raise TrainingDataError(f"{where} must be an object with a 'messages' list (OpenAI chat format)")
@@ -167,8 +170,9 @@ class LoRATrainer:
                 pixels.append(processed.pixel_values)
                 grids.append(processed.grid_thw)
 
+        tools = example.get("tools") or None  # OpenAI function tools, rendered as at serving time
         try:
-            full = self.builder.build_chat(messages, grids, add_generation_prompt=False)
+            full = self.builder.build_chat(messages, grids, add_generation_prompt=False, tools=tools)
             ids = full.token_ids
             labels = [IGNORE_INDEX] * len(ids)
             spans = []
@@ -176,8 +180,8 @@ class LoRATrainer:
                 if role != "assistant":
                     continue
                 n_img = images_before[i]
-                head = self.builder.build_chat(messages[:i], grids[:n_img], add_generation_prompt=True).token_ids
-                turn = self.builder.build_chat(messages[: i + 1], grids[:n_img], add_generation_prompt=False).token_ids
+                head = self.builder.build_chat(messages[:i], grids[:n_img], True, tools).token_ids
+                turn = self.builder.build_chat(messages[: i + 1], grids[:n_img], False, tools).token_ids
                 if turn[: len(head)] != head or ids[: len(turn)] != turn:
                     raise TrainingDataError(
                         f"{where}: messages[{i}] (assistant) does not tokenize the same alone as in the conversation "

@@ -3,6 +3,7 @@
     python bench/engine.py [--model-dir DIR | --arch-7b] [--device cpu|cuda] [--dtype ...]
                            [--batches 1,16,64] [--prompt-len 64] [--gen-len 64] [--quick] [--json PATH]
     python bench/engine.py hotpath [...]   # arrival step, aten ops per decode step, sampler (bench/hotpath.py)
+    python bench/engine.py structured [...]   # half-constrained vs unconstrained batch (bench/structured.py)
 
 One run measures both sides on the same machine, same checkpoint, same prompts:
 
@@ -344,6 +345,19 @@ def main(argv=None) -> dict:
         import hotpath
 
         return hotpath.main(argv[1:])
+    if argv[:1] == ["structured"]:  # half-constrained vs unconstrained decode batches: bench/structured.py
+        import structured
+
+        def build(tmp: Path, dev: str) -> Path:
+            from engine.tiny import write_tiny_model
+
+            model = build_7b(dev, torch.bfloat16)
+            out = save_with_tiny_tokenizer(model, tmp / "qwen2_5_vl_7b_random", write_tiny_model(tmp / "tiny", seed=0))
+            del model
+            torch.cuda.empty_cache()
+            return out
+
+        return structured.main(argv[1:], build_7b=build)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

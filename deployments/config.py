@@ -81,6 +81,8 @@ class EngineLimits(_Strict):
     engine_process: bool = Field(
         True, description="run the engine loop in a child process of the Decoder replica (vLLM v1's engine core), "
                           "so it shares no GIL with Serve's per-request work; false = a thread of the replica")
+    max_grammars: int = Field(
+        64, ge=1, description="compiled structured-output grammars kept per replica (least recently used evicted)")
 
 
 class ImageLimits(_Strict):

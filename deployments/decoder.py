@@ -51,7 +51,8 @@ class Decoder:
             model_dir=config.model_dir, device=device, dtype=dtype, block_size=lim.block_size,
             kv_cache_memory_bytes=lim.kv_cache_memory_mb * 2**20, max_num_seqs=lim.max_num_seqs,
             max_num_batched_tokens=max(lim.max_num_batched_tokens, lim.max_num_seqs), max_model_len=lim.max_model_len,
-            max_loras=lim.max_loras, max_lora_rank=lim.max_lora_rank, enforce_eager=lim.enforce_eager)
+            max_loras=lim.max_loras, max_lora_rank=lim.max_lora_rank, enforce_eager=lim.enforce_eager,
+            max_grammars=lim.max_grammars)
         interval_s = config.stream_interval_ms / 1000
         if lim.engine_process:
             from ray import cloudpickle  # engine calls below are closures; plain pickle takes none

@@ -47,6 +47,7 @@ from deployments.openai_api import (
     tokenize_response,
     validation_error_to_api_error,
 )
+from deployments import structured_api
 from engine.model import TextConfig
 from engine.outputs import RequestOutput
 
@@ -319,12 +320,23 @@ class Ingress:
         self._resolve(rec, req.model, bool(req.stream))
         sampling = req.to_sampling_params(self.config.default_max_tokens)
         explicit = req.max_completion_tokens is not None or req.max_tokens is not None
-        source = self.prompts.chat(req.messages)
+        sampling.grammar = await self._grammar(req)
+        tools = req.tools or None
+        source = self.prompts.chat(req.messages, tools)
         opt = req.optimal_sampling
-        teacher = self.prompts.chat(opt.teacher_messages) if opt and opt.teacher_messages else None
+        teacher = self.prompts.chat(opt.teacher_messages, tools) if opt and opt.teacher_messages else None
         gen, first = await self._generate(rec, bool(req.stream), source, sampling, self._adapter_for(req.model),
                                           explicit, opt, teacher)
         return self._respond(rec, req, sampling, gen, first, "chatcmpl", self._chat_stream, chat_completion_response)
+
+    @staticmethod
+    async def _grammar(req):
+        """The request's output constraint, checked here (a 400 saying why) so a bad schema never
+        reaches a Decoder; the Decoder compiles it for its tokenizer off its engine thread."""
+        spec = structured_api.request_grammar(req)
+        if spec is not None:
+            await asyncio.to_thread(structured_api.check_grammar, spec, structured_api.grammar_param(req))
+        return spec
 
     def _respond(self, rec: RequestRecord, req, sampling, gen, first: RequestOutput, prefix: str, stream, build,
                  num_choices: int | None = None):
@@ -341,7 +353,14 @@ class Ingress:
         body = build(cid, req.model, created, acc.text, acc.finish, acc.logprobs if sampling.logprobs else None,
                      (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
         rec.status = 200
+        if self._parses_tools(req):
+            structured_api.attach_tool_calls(body, acc.text)
         return JSONResponse(attach_diagnostics(body, acc.diagnostics, summary=True), headers=headers)
+
+    @staticmethod
+    def _parses_tools(req) -> bool:
+        """Chat requests with tools whose choice lets the model call them get `tool_calls` back."""
+        return structured_api.tool_mode(req) != "none" if isinstance(req, ChatCompletionRequest) else False
 
     def _extra(self, out: RequestOutput) -> dict:
         """Fields beyond OpenAI's: the adapter version used; the replica goes in system_fingerprint."""
@@ -352,10 +371,10 @@ class Ingress:
         return extra
 
     @staticmethod
-    def _visible(out: RequestOutput, started: set[int]) -> list:
-        """Deltas worth a chunk: new text, a finish, logprobs, or a choice's first (role) chunk."""
-        return [c for c in out.choices
-                if c.text or c.finish_reason or c.logprobs or c.diagnostics or c.index not in started]
+    def _visible(choices: list, started: set[int], tool_calls=None) -> list:
+        """Deltas worth a chunk: new text, a finish, logprobs, a choice's first (role) chunk, or a tool call."""
+        return [c for c in choices if c.text or c.finish_reason or c.logprobs or c.diagnostics or c.index not in started
+                or (tool_calls is not None and tool_calls.visible(c))]
 
     async def _chat_stream(self, first, gen, cid, created, req, include_usage, extra,
                            rec: RequestRecord) -> AsyncIterator[bytes]:
@@ -363,13 +382,17 @@ class Ingress:
         last = first
         fp = extra.pop("system_fingerprint", None)
         usage = _ChoiceUsage(req, gen)
+        tool_calls = structured_api.StreamedToolCalls() if self._parses_tools(req) else None
         try:
             async for out in self._rest(first, gen, rec):
                 last = out
-                for d in self._visible(out, started):  # one choice per chunk, as OpenAI and vLLM send them
+                choices = tool_calls.split(out.choices) if tool_calls is not None else out.choices
+                for d in self._visible(choices, started, tool_calls):  # one choice per chunk, as OpenAI and vLLM
                     chunk = chat_completion_chunk(cid, req.model, created, [d], self._token_text,
                                                   role_for={d.index} - started, extra=extra,
                                                   system_fingerprint=fp, usage=usage.add(out, d))
+                    if tool_calls is not None:
+                        tool_calls.decorate(chunk)
                     yield sse(attach_diagnostics(chunk, _chunk_diagnostics([d]), summary=False))
                     started.add(d.index)
             rec.status = 200  # generation finished; what follows is the usage chunk and [DONE]
@@ -397,6 +420,7 @@ class Ingress:
         self._resolve(rec, req.model, bool(req.stream))
         sampling = req.to_sampling_params(self.config.default_max_tokens)
         explicit = req.max_tokens is not None
+        sampling.grammar = await self._grammar(req)
         preps = [self.prompts.text(p) if isinstance(p, str) else self.prompts.tokens(p, self.vocab_size)
                  for p in req.prompt]
         opt = req.optimal_sampling

@@ -2,8 +2,9 @@
 
 Pure schema + conversion (no Ray, no engine state), so it is cheap to import anywhere and can be
 tested against the real `openai` SDK. Requests keep OpenAI's defaults (temperature 1, n 1) and
-reject, with a 400 naming the parameter, the features this server cannot honour (tools, JSON
-mode, echo) instead of silently ignoring them. Responses are plain dicts in
+reject, with a 400 naming the parameter, the features this server cannot honour (legacy
+functions, batched prompts, echo) instead of silently ignoring them. Structured outputs and tools
+are turned into a grammar in deployments/structured_api.py. Responses are plain dicts in
 exactly the JSON shapes OpenAI returns, so the SDK parses them into its typed objects.
 """
 
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 OWNED_BY = "vlora"
-MESSAGE_ROLES = ("system", "developer", "user", "assistant")
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 IMAGE_DETAILS = ("auto", "low", "high")
 MAX_COMPLETION_LOGPROBS = 5  # legacy /v1/completions caps `logprobs` at 5
 
@@ -152,19 +153,16 @@ def _short(value: Any) -> str:
 
 # Parameters we accept only at their "off" value; anything else is a 400 rather than silently ignored.
 _UNSUPPORTED_UNLESS: dict[str, Callable[[Any], bool]] = {
-    "tools": lambda v: v is None or v == [],
-    "tool_choice": lambda v: v in (None, "none", "auto"),
     "functions": lambda v: v is None or v == [],
     "function_call": lambda v: v in (None, "none", "auto"),
-    "response_format": lambda v: v is None or (isinstance(v, Mapping) and v.get("type") == "text"),
     "logit_bias": lambda v: v is None or v == {},
     "audio": lambda v: v is None,
     "modalities": lambda v: v is None or v == ["text"],
     # vLLM extras this server does not implement: a 400 naming the field, never a silent no-op
     **{name: (lambda v: v is None) for name in (
-        "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_whitespace_pattern",
-        "guided_decoding_backend", "structured_outputs", "prompt_logprobs", "truncate_prompt_tokens",
+        "guided_grammar", "guided_whitespace_pattern", "prompt_logprobs", "truncate_prompt_tokens",
         "allowed_token_ids", "chat_template", "documents", "mm_processor_kwargs", "logits_processors")},
+    "guided_decoding_backend": lambda v: v in (None, "auto", "xgrammar"),
     "repetition_penalty": lambda v: v is None or v == 1,
     "length_penalty": lambda v: v is None or v == 1,
     "use_beam_search": lambda v: v in (None, False),
@@ -221,6 +219,11 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool | None = None  # accepted, ignored: output never contains special tokens
     # passthrough for a later feature
     optimal_sampling: OptimalSamplingOptions | None = None
+    # structured outputs (vLLM's extras); turned into a grammar by deployments/structured_api.py
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -325,12 +328,17 @@ def check_messages(messages: list[dict[str, Any]], name: str) -> list[dict[str, 
         role = message.get("role")
         if role not in MESSAGE_ROLES:
             raise _invalid(f"{where}.role", f"{where}.role {_short(role)} is not supported; expected one of {', '.join(MESSAGE_ROLES)}")
-        for key in ("tool_calls", "function_call", "audio"):
+        if message.get("tool_calls") and role != "assistant":
+            raise _invalid(f"{where}.tool_calls", f"{where}.tool_calls is only allowed on assistant messages")
+        for key in ("function_call", "audio"):
             if message.get(key):
                 raise _invalid(f"{where}.{key}", f"{where}.{key} is not supported by this server")
         content = message.get("content")
         if content is None and role == "assistant":
             continue
+        if role == "tool" and isinstance(content, list) and any(
+                isinstance(p, Mapping) and p.get("type") != "text" for p in content):
+            raise _invalid(f"{where}.content", f"{where}.content: a tool message may only hold text")
         if isinstance(content, str):
             continue
         if not isinstance(content, list):
@@ -386,6 +394,10 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("messages")
     @classmethod

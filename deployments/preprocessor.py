@@ -39,7 +39,7 @@ class Preprocessor:
             config.model_dir).max_position_embeddings
         self.metrics = PreprocessMetrics()
 
-    def _prepare_chat(self, messages: list[dict]) -> PreparedRequest:
+    def _prepare_chat(self, messages: list[dict], tools: list[dict] | None = None) -> PreparedRequest:
         urls = PromptBuilder.image_urls(messages)
         lim = self.images
         if len(urls) > lim.max_images_per_request:
@@ -53,7 +53,7 @@ class Preprocessor:
                                 f"{lim.max_total_pixels}; send fewer or smaller images", param="messages")
         if opened:  # the prompt length the headers imply, before any pixel is decoded
             grids = [self.transform.grid_thw(img.height, img.width) for img in opened]
-            estimate = self.builder.build_chat(messages, grids).num_tokens
+            estimate = self.builder.build_chat(messages, grids, tools=tools).num_tokens
             if estimate >= self.max_model_len:
                 raise context_length_error(estimate, self.max_model_len)
         images = [self.transform(finish_decode(img)) for img in opened]
@@ -62,12 +62,12 @@ class Preprocessor:
             for _ in images:
                 self.metrics.image.observe(per_image)
             self.metrics.images.inc(len(images))
-        prompt = self.builder.build_chat(messages, [im.grid_thw for im in images])
+        prompt = self.builder.build_chat(messages, [im.grid_thw for im in images], tools=tools)
         return PreparedRequest(prompt, [im.pixel_values for im in images], [im.content_hash for im in images])
 
-    async def prepare_chat(self, messages: list[dict]) -> PreparedRequest:
+    async def prepare_chat(self, messages: list[dict], tools: list[dict] | None = None) -> PreparedRequest:
         try:
-            return await asyncio.to_thread(self._prepare_chat, messages)
+            return await asyncio.to_thread(self._prepare_chat, messages, tools)
         except Exception as exc:
             raise (to_api_error(exc) or exc) from None
 

@@ -30,11 +30,12 @@ class PromptRoutes:
     def tokenizer(self):
         return self.builder.tokenizer
 
-    def chat(self, messages: list[dict]):
-        """A PreparedRequest for text-only messages; else the VisionEncoder's (unawaited) response."""
+    def chat(self, messages: list[dict], tools: list[dict] | None = None):
+        """A PreparedRequest for text-only messages; else the VisionEncoder's (unawaited) response.
+        `tools` (OpenAI function tools) are rendered by the chat template."""
         if has_images(messages):
-            return self.vision.encode.remote(self.preprocessor.prepare_chat.remote(messages))
-        return self._local(self.builder.build_chat, messages, [])
+            return self.vision.encode.remote(self.preprocessor.prepare_chat.remote(messages, tools))
+        return self._local(self.builder.build_chat, messages, [], True, tools)
 
     def text(self, prompt: str) -> PreparedRequest:
         """/v1/completions: the prompt tokenized as is."""

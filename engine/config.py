@@ -22,8 +22,11 @@ class EngineConfig:
     max_lora_rank: int = 16
     lora_target_modules: tuple[str, ...] = field(default=LORA_TARGET_MODULES)
     enforce_eager: bool = False  # True: never capture CUDA graphs (decode still uses the static buffers)
+    max_grammars: int = 64  # compiled structured-output grammars kept (least recently used evicted)
 
     def __post_init__(self):
+        if self.max_grammars < 1:
+            raise ValueError(f"max_grammars must be >= 1, got {self.max_grammars}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:

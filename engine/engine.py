@@ -25,6 +25,7 @@ import torch
 
 from engine.config import LORA_TARGET_MODULES, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from engine.grammar import GrammarCache
 from engine.kv_cache import KVBlockPool, KVCache
 from engine.lora import AdapterSlots, LoRAWeights
 from engine.lora_manager import LoRAManager
@@ -33,7 +34,7 @@ from engine.model_runner import ModelRunner
 from engine.optimal_sampling import OptimalSampler, OptimalSamplingParams
 from engine.output_stream import OutputStream, merge_outputs
 from engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
-from engine.sampling import RowState, Sampler, SamplingParams
+from engine.sampling import RowState, Sampler, SamplingParams, apply_grammar_masks, grammar_masks
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SeqStatus
 
@@ -116,12 +117,24 @@ class LLMEngine:
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(config.model_dir)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self.special_token_ids = frozenset(self.tokenizer.all_special_ids) | self.eos_token_ids
+        self._grammars: GrammarCache | None = None
+        self._grammars_lock = threading.Lock()
         self.requests: dict[str, _Request] = {}
         self._waiting_for_slot: deque[Sequence] = deque()
         self.num_preemptions = 0
         self.name: str | None = None  # set by whoever hosts the engine (e.g. the Decoder replica id)
         # The loop's own account: steps run, their wall time, request outputs reported.
         self.step_stats = {"steps": 0, "step_s": 0.0, "outputs": 0}
+
+    @property
+    def grammars(self) -> GrammarCache:
+        """Compiled structured-output grammars for this tokenizer (made on first use: building the
+        tokenizer's xgrammar tables takes a moment on a real vocabulary)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCache(self.tokenizer, self.model.cfg.vocab_size, self.eos_token_ids,
+                                              self.config.max_grammars)
+            return self._grammars
 
     # -- adapters ---------------------------------------------------------------------------
     def add_lora(self, name: str, weights: LoRAWeights, version: int = 1) -> None:
@@ -156,6 +169,9 @@ class LLMEngine:
                 teacher_prompt, teacher_image_embeds = prompt, image_embeds
             t_ids, t_positions, t_delta = _prompt_parts(teacher_prompt)
             self._validate(t_ids, sampling, teacher_image_embeds, None)
+        grammar = None
+        if sampling.grammar is not None:  # compiled already when the caller warmed the cache (AsyncEngine does)
+            grammar = self.grammars.get(sampling.grammar)
         seqs = []
         for i in range(sampling.n):
             seq = Sequence(request_id, i, ids, sampling, prompt_positions=positions, rope_delta=rope_delta,
@@ -163,6 +179,8 @@ class LLMEngine:
             seq.state = _SeqState(RowState.create(sampling, index=i, eos_token_ids=tuple(self.eos_token_ids)),
                                   IncrementalDetokenizer(self.tokenizer),
                                   StopChecker(sampling.stop, sampling.include_stop_str_in_output))
+            if grammar is not None:
+                seq.state.row.grammar = self.grammars.new_matcher(grammar)
             if optimal is not None:
                 seq.partner = Sequence(request_id, i, t_ids, sampling, prompt_positions=t_positions,
                                        rope_delta=t_delta, image_embeds=teacher_image_embeds,
@@ -305,8 +323,10 @@ class LLMEngine:
         z_t = torch.stack([s.partner.pending_logits for s in students])
         rows = [s.state.row for s in students]
         reqs = [self.requests[s.request_id] for s in students]
-        tokens, diags = self.optimal_sampler.sample(z_s, z_t, rows, [r.optimal for r in reqs],
-                                                    [not s.output_token_ids for s in students], self.special_token_ids)
+        allowed = grammar_masks(rows, z_s.shape[1], z_s.device)  # q* restricted to the tokens a grammar allows
+        tokens, diags = self.optimal_sampler.sample(
+            apply_grammar_masks(z_s, rows, allowed), apply_grammar_masks(z_t, rows, allowed), rows,
+            [r.optimal for r in reqs], [not s.output_token_ids for s in students], self.special_token_ids)
         lps, tops = self.sampler._logprobs(z_s, torch.tensor(tokens, device=z_s.device), rows)
         for j, seq in enumerate(students):
             seq.pending_logits = seq.partner.pending_logits = None
@@ -322,7 +342,13 @@ class LLMEngine:
         st.row.output_token_ids.append(token)
         lp = TokenLogprob(token, logprob, top or []) if sp.logprobs else None
         reason = None
-        if token in sp.stop_token_ids or (token in self.eos_token_ids and not sp.ignore_eos):
+        grammar_done = False
+        if st.row.grammar is not None:  # the matcher moves past the token; a finished grammar ends the row
+            accepted = st.row.grammar.accept_token(token)
+            if not accepted:  # the mask allowed it, so this is a bug: end the row rather than go on unconstrained
+                log.error("request %s: the grammar rejected token %d it allowed", seq.request_id, token)
+            grammar_done = not accepted or st.row.grammar.is_terminated()
+        if (token in sp.stop_token_ids or (token in self.eos_token_ids and not sp.ignore_eos)) or grammar_done:
             text = st.stop.push(st.detok.flush())[0] + st.stop.flush()
             reason = "stop"
         else:
@@ -444,6 +470,9 @@ class AsyncEngine:
         try:
             if self.error is not None:
                 raise self._dead()
+            grammar = getattr(sampling, "grammar", None)
+            if grammar is not None:  # compiled off the engine thread, so a slow schema stalls no stream
+                await asyncio.get_running_loop().run_in_executor(None, self.engine.grammars.get, grammar)
             await self.run(lambda e: e.add_request(prompt, sampling, adapter, image_embeds, rid, **optimal))
             while not finished:
                 out = await stream.next_batch()

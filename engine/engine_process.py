@@ -270,10 +270,16 @@ class _Core:
         self.buffered: dict[str, list[RequestOutput]] = {}
         self.fault: BaseException | None = None
         self.stopped = False
+        # Requests whose structured-output grammar compiles on a worker thread (a slow schema stalls no
+        # stream); admitted between steps once their compilation is done.
+        self.compiling: list[tuple[concurrent.futures.Future, tuple]] = []
+        self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
 
     def serve(self) -> None:
         while not self.stopped:
-            self._commands(block=not self.engine.has_unfinished())
+            self._admit_compiled()
+            idle = not self.engine.has_unfinished()
+            self._commands(block=idle and not self.compiling, wait_s=0.005 if idle and self.compiling else 0.0)
             if self.fault is not None:
                 raise self.fault
             if self.stopped or not self.engine.has_unfinished():
@@ -281,18 +287,19 @@ class _Core:
             outputs = self.engine.step()
             self._send_due(outputs)
 
-    def _commands(self, block: bool) -> None:
+    def _commands(self, block: bool, wait_s: float = 0.0) -> None:
         """Everything queued; when idle, wait for the next command (or the parent's going away)."""
-        while self.conn.poll(None if block else 0):
-            block = False
+        while self.conn.poll(None if block else wait_s):
+            block, wait_s = False, 0.0
             msg = _recv(self.conn)
             kind = msg[0]
             if kind == "add":
-                self._add(*msg[1])
+                self._add_or_compile(msg[1])
             elif kind == "call":
                 _, cid, blob = msg
                 self._answer(cid, lambda: pickle.loads(blob)(self.engine))
             elif kind == "abort":
+                self.compiling = [(f, a) for f, a in self.compiling if a[0] != msg[1]]
                 self.engine.abort(msg[1])
                 self._forget(msg[1])
             elif kind == "fault":
@@ -301,6 +308,24 @@ class _Core:
             elif kind == "stop":
                 self.stopped = True
                 return
+
+    def _add_or_compile(self, args: tuple) -> None:
+        grammar = getattr(args[2], "grammar", None)
+        if grammar is None or grammar in self.engine.grammars:
+            self._add(*args)
+            return
+        if self._compiler is None:
+            self._compiler = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="vlora-grammar")
+        self.compiling.append((self._compiler.submit(self.engine.grammars.get, grammar), args))
+
+    def _admit_compiled(self) -> None:
+        """Admit the requests whose grammar compiled (in arrival order); refuse those whose did not."""
+        while self.compiling and self.compiling[0][0].done():
+            fut, args = self.compiling.pop(0)
+            if fut.exception() is not None:
+                _send(self.conn, ("refused", args[0], _picklable(fut.exception())))
+            else:
+                self._add(*args)
 
     def _add(self, rid, prompt, sampling, adapter, embeds, optimal, interval) -> None:
         try:

@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
+from engine.tools import TOOLS_CHAT_TEMPLATE, template_renders_tools
+
 ImageGrid = tuple[int, int, int]
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's newer name for the system turn; Qwen's template only knows "system".
 ROLE_ALIASES = {"developer": "system"}
 VISION_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
@@ -188,21 +190,28 @@ class PromptBuilder:
         messages: list[dict],
         image_grids: list[ImageGrid],
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> PreparedPrompt:
         """Render `messages` with the checkpoint's template, expand image pads per grid, add M-RoPE.
 
         `image_grids[i]` is the (t, h, w) patch grid of the i-th image part, in message order.
+        `tools` are OpenAI function tools, rendered by the template (engine/tools.py).
         """
         normalized, num_images = _normalize_messages(messages)
+        tools = _normalize_tools(tools)
         self._reject_special_tokens(normalized)
         if num_images != len(image_grids):
             raise PromptError(
                 f"the messages have {num_images} image part(s) but {len(image_grids)} image grid(s) were given"
             )
         grids = _check_grids(image_grids, self.config.spatial_merge_size)
+        template = None
+        uses_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in normalized)
+        if uses_tools and not template_renders_tools(self.tokenizer.chat_template):
+            template = TOOLS_CHAT_TEMPLATE
         text = self.tokenizer.apply_chat_template(
-            normalized, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+            normalized, tools=tools or None, chat_template=template, tokenize=False,
+            add_generation_prompt=add_generation_prompt)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         pad = self.config.image_token_id
         if ids.count(pad) != len(grids):
@@ -306,9 +315,17 @@ def _normalize_messages(messages: list[dict]) -> tuple[list[dict], int]:
         content = message.get("content")
         if content is None and role == "assistant":
             content = ""
+        if role == "tool" and isinstance(content, list):  # text parts of a tool result: one string
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise PromptError(f"messages[{i}].content: a tool message may only hold text")
+            content = "".join(p["text"] for p in content)
         if isinstance(content, str):
             _reject_vision_tokens(content, f"messages[{i}].content")
-            normalized.append({"role": role, "content": content})
+            entry = {"role": role, "content": content}
+            if role == "assistant" and message.get("tool_calls"):
+                entry["tool_calls"] = _normalize_tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
+            normalized.append(entry)
             continue
         if not isinstance(content, list):
             raise PromptError(
@@ -339,6 +356,42 @@ def _normalize_messages(messages: list[dict]) -> tuple[list[dict], int]:
                 raise PromptError(f"{where}.type is {kind!r}; supported part types are 'text' and 'image_url'")
         normalized.append({"role": role, "content": parts})
     return normalized, num_images
+
+
+def _normalize_tool_calls(calls: Any, where: str) -> list[dict]:
+    """An assistant turn's OpenAI tool calls as the template reads them: name + arguments object."""
+    if not isinstance(calls, list):
+        raise PromptError(f"{where} must be a list of tool calls")
+    out = []
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise PromptError(f"{where}[{k}] must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args or "{}")
+            except ValueError:
+                raise PromptError(f"{where}[{k}].function.arguments is not valid JSON") from None
+        if not isinstance(args, dict):
+            raise PromptError(f"{where}[{k}].function.arguments must be a JSON object")
+        out.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def _normalize_tools(tools: Any) -> list[dict] | None:
+    """OpenAI function tools, validated: [{"type": "function", "function": {"name", ...}}]."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise PromptError("tools must be a list of {'type': 'function', 'function': {...}} objects")
+    for k, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise PromptError(f"tools[{k}] must be {{'type': 'function', 'function': {{'name', 'parameters'}}}}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise PromptError(f"tools[{k}].function.name must be a non-empty string")
+    return tools
 
 
 def _reject_vision_tokens(text: str, where: str) -> None:

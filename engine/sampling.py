@@ -13,8 +13,11 @@ import math
 import secrets
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from engine.grammar import GrammarSpec, unpack_bitmask
 
 MAX_STOP_STRINGS = 16
 MAX_N = 16
@@ -52,6 +55,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     min_tokens: int = 0  # EOS and stop_token_ids are masked (and stop strings unchecked) until this many tokens
+    grammar: GrammarSpec | None = None  # structured outputs: what the text must match (engine/grammar.py)
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -96,6 +100,8 @@ class SamplingParams:
             raise bad("n", f"an integer in [1, {MAX_N}]")
         if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise bad("top_logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise bad("grammar", "a GrammarSpec or None")
         if self.top_logprobs > 0 and not self.logprobs:
             raise ValueError(f"top_logprobs={self.top_logprobs} requires logprobs=True")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
@@ -159,6 +165,7 @@ class RowState:
     counted: int = 0  # how many of output_token_ids that row has counted
     counted_list: list[int] | None = None  # the list those were counted from (replaced list: recount)
     min_tokens_blocked: tuple[int, ...] = ()  # ids masked while fewer than params.min_tokens are generated
+    grammar: Any = None  # structured outputs: an xgrammar GrammarMatcher at this row's next token (None: free)
 
     @classmethod
     def create(cls, params: SamplingParams, index: int = 0, device: str | torch.device = "cpu",
@@ -317,6 +324,36 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
+def grammar_masks(rows: list[RowState], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """[B, V] bool, True where a row may take the token next; None when no row has a grammar.
+
+    One host bitmask for the whole batch (1 bit per token): unconstrained rows keep all bits set,
+    each constrained row's matcher fills its own row; one copy to the device, unpacked there.
+    """
+    if all(r.grammar is None for r in rows):
+        return None
+    host = torch.full((len(rows), (vocab_size + 31) // 32), -1, dtype=torch.int32,
+                      pin_memory=torch.device(device).type == "cuda")
+    for i, r in enumerate(rows):
+        if r.grammar is not None:
+            r.grammar.fill_next_token_bitmask(host, i)
+    return unpack_bitmask(host.to(device, non_blocking=True), vocab_size)
+
+
+def apply_grammar_masks(logits: torch.Tensor, rows: list[RowState], allowed: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """Structured outputs: `-inf` on every token a constrained row's grammar forbids next, in one
+    masked fill over the batch. Unconstrained rows have nothing masked (their values are the same
+    bits), and with no constrained row the logits come back as they are (no copy, no device work).
+    `allowed` reuses `grammar_masks`' result. Returns a new tensor when it masks anything.
+    """
+    if allowed is None:
+        allowed = grammar_masks(rows, logits.shape[1], logits.device)
+    if allowed is None:
+        return logits
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 _WORKSPACE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
 
@@ -330,7 +367,8 @@ def _workspace(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) 
 
 
 class Sampler:
-    """Batched sampler: penalties -> greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw.
+    """Batched sampler: penalties -> grammar masks -> greedy argmax, or temperature -> top-k -> top-p
+    -> min-p -> draw.
 
     Everything runs on the logits' device; the host only builds small per-row parameter tensors
     and reads the result back once per call. Logprobs are `log_softmax` of the RAW model logits
@@ -344,7 +382,7 @@ class Sampler:
         if not rows:
             return SampleResult([], [], [])
         raw = logits
-        logits = mask_min_tokens(apply_penalties(logits, rows), rows)
+        logits = apply_grammar_masks(mask_min_tokens(apply_penalties(logits, rows), rows), rows)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(sampled) == len(rows):
             tokens = self._draw(logits, rows)

@@ -203,7 +203,7 @@ def test_nesting_images_pixels_stops(base_url):
 # -- strict validation -----------------------------------------------------------------------
 
 def test_strict_validation(base_url, serve_instance):
-    for extra in ({"guided_json": {"type": "object"}}, {"structured_outputs": {"regex": "a"}},
+    for extra in ({"guided_grammar": 'root ::= "a"'}, {"guided_whitespace_pattern": " *"},
                   {"repetition_penalty": 1.3}, {"echo": True}, {"best_of": 3}):
         name = next(iter(extra))
         assert_error(chat(base_url, {"messages": user("hi"), **extra}), 400, f"{name} is not supported", param=name)

@@ -162,3 +162,23 @@ def test_a_failed_engine_process_fails_its_requests_and_reports_unhealthy(tiny_m
 def test_a_model_that_cannot_load_fails_the_start_with_the_reason(tmp_path):
     with pytest.raises(RuntimeError, match="the engine failed to start: .*"):
         EngineProcess(config(tmp_path / "missing"))
+
+
+def test_grammars_compile_off_the_loop_and_constrain_the_output(proc, tokenizer):
+    from engine.grammar import GrammarError, GrammarSpec
+
+    prompt = tokenizer("Pick a colour:").input_ids
+    choices = ["red", "green", "blue"]
+
+    async def main():
+        constrained = proc.complete(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=3,
+                                                           grammar=GrammarSpec.choice(choices)))
+        free = proc.complete(prompt, SamplingParams(max_tokens=20, **GREEDY))
+        return await asyncio.gather(constrained, free)
+
+    constrained, free = asyncio.run(main())
+    assert constrained.choices[0].text in choices and constrained.choices[0].finish_reason == "stop"
+    assert free.num_generated_tokens == 20  # the unconstrained row beside it runs to its length
+    with pytest.raises(GrammarError, match="regex"):
+        asyncio.run(proc.complete(prompt, SamplingParams(max_tokens=5, grammar=GrammarSpec.regex("(unclosed"))))
+    assert proc.call(LLMEngine.state).result(30)["num_requests"] == 0

@@ -298,11 +298,8 @@ def test_sdk_validation_error_reaches_client_as_bad_request():
     with pytest.raises(openai.BadRequestError, match="temperature: Input should be less than or equal to 2") as info:
         client.chat.completions.create(model=BASE, messages=messages(), temperature=3)
     assert info.value.param == "temperature" and info.value.type == "invalid_request_error"
-    with pytest.raises(openai.BadRequestError, match="tools is not supported by this server"):
-        client.chat.completions.create(
-            model=BASE, messages=messages(),
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-        )
+    with pytest.raises(openai.BadRequestError, match="guided_grammar is not supported by this server"):
+        client.chat.completions.create(model=BASE, messages=messages(), extra_body={"guided_grammar": 'root ::= "a"'})
 
 
 # -------------------------------------------------------------------------------------------------
@@ -326,14 +323,14 @@ def test_sdk_validation_error_reaches_client_as_bad_request():
         ({"stop": 5}, "stop", "stop must be a string or a list of strings"),
         ({"presence_penalty": -2.5}, "presence_penalty", "presence_penalty: Input should be greater than or equal to -2"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream_options is only allowed when stream is true"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools is not supported by this server"),
-        ({"tool_choice": "required"}, "tool_choice", "tool_choice is not supported by this server"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "response_format is not supported by this server"),
+        ({"functions": [{"name": "f"}]}, "functions", "functions is not supported by this server"),
+        ({"guided_whitespace_pattern": " *"}, "guided_whitespace_pattern",
+         "guided_whitespace_pattern is not supported by this server"),
         ({"logit_bias": {"50256": -100}}, "logit_bias", "logit_bias is not supported by this server"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role",
          "messages[0].role 'robot' is not supported; expected one of system, developer, user, assistant"),
-        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "x"}]}, "messages[0].role",
-         "messages[0].role 'tool' is not supported"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "c"}]}]}, "messages[0].tool_calls",
+         "messages[0].tool_calls is only allowed on assistant messages"),
         ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
          "messages[0].content[0].type",
          "messages[0].content[0].type 'input_audio' is not supported; supported content part types are 'text' and 'image_url'"),

@@ -194,7 +194,7 @@ def test_mrope_positions_text_only_is_arange(builder):
             [(1, 4, 4)],
             "2 image part(s) but 1 image grid(s)",
         ),
-        ([{"role": "tool", "content": "x"}], [], "messages[0].role is 'tool'; expected one of system, user, assistant"),
+        ([{"role": "function", "content": "x"}], [], "messages[0].role is 'function'; expected one of system, user, assistant, tool"),
         ([{"content": "x"}], [], "messages[0].role is None"),
         (
             [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],

@@ -220,9 +220,9 @@ def test_image_count_reserved_names_and_adapter_count():
     assert e.value.status == 400
 
 
-@pytest.mark.parametrize("extra", [{"guided_json": {"type": "object"}}, {"structured_outputs": {"json": {}}},
+@pytest.mark.parametrize("extra", [{"guided_grammar": 'root ::= "a"'}, {"guided_whitespace_pattern": " *"},
                                    {"repetition_penalty": 1.2}, {"echo": True}, {"best_of": 2},
-                                   {"guided_regex": "a+"}, {"guided_choice": ["a"]},
+                                   {"guided_decoding_backend": "outlines"},
                                    {"use_beam_search": True}, {"prompt_logprobs": 1}])
 def test_unimplemented_extras_are_a_400_naming_the_field(extra):
     from pydantic import ValidationError

@@ -283,8 +283,8 @@ def test_a_turn_that_tokenizes_differently_in_context_is_refused(trainer, monkey
     assistant span cannot be located honestly, and the example is refused rather than mis-masked."""
     build = trainer.builder.build_chat
 
-    def merging(messages, grids, add_generation_prompt=True):
-        prompt = build(messages, grids, add_generation_prompt)
+    def merging(messages, grids, add_generation_prompt=True, tools=None):
+        prompt = build(messages, grids, add_generation_prompt, tools)
         if add_generation_prompt:
             prompt.token_ids = prompt.token_ids[:-1] + [prompt.token_ids[-1] + 1]
         return prompt
@@ -299,3 +299,25 @@ def test_bad_hyper_parameters_are_refused(trainer):
                             (dict(rank=0), "rank"), (dict(target_modules=["lm_head"]), "target_modules")]:
         with pytest.raises(ValueError, match=message):
             trainer.train(COLOUR_EXAMPLES, **kwargs)
+
+
+def test_tool_call_examples_put_the_loss_on_assistant_turns_including_the_calls(trainer):
+    """Tools render into the system turn, the call and the tool result as at serving time; the
+    targets are exactly the two assistant turns (the call's text included), nothing else."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    ex = {"tools": tools, "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny."}]}
+    t = trainer.tokenize_example(ex)
+    tok = trainer.tokenizer
+    targets = [tok.decode(t.token_ids[a:b]) for a, b in t.spans]
+    assert targets == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+                       "It is sunny.<|im_end|>"]
+    assert sum(b - a for a, b in t.spans) == t.num_target_tokens
+    context = tok.decode(t.token_ids)
+    assert '"name": "get_weather"' in context.split("<|im_end|>")[0]  # the tool list is in the system turn
+    assert "<tool_response>\nsunny\n</tool_response>" in context
