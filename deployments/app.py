@@ -29,13 +29,19 @@ def _cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def _deployment(cls, name: str, replica, gpu_share: float = 0.0):
+def _deployment(cls, name: str, replica, gpu_share: float = 0.0, tensor_parallel_size: int = 1):
+    opts = actor_options(replica, gpu_share, tensor_parallel_size)
+    extra = {}
+    if tensor_parallel_size > 1:  # the replica takes bundle 0, its worker actors bundles 1..N-1, on one node
+        extra = {"placement_group_bundles": [{"CPU": opts["num_cpus"], **({"GPU": opts["num_gpus"]} if opts.get(
+            "num_gpus") else {})}] * tensor_parallel_size, "placement_group_strategy": "STRICT_PACK"}
     return serve.deployment(cls, name=name).options(
         num_replicas=replica.num_replicas,
         max_ongoing_requests=replica.max_ongoing_requests,
         max_queued_requests=replica.max_queued_requests,
         health_check_period_s=replica.health_check_period_s,
-        ray_actor_options=actor_options(replica, gpu_share),
+        ray_actor_options=opts,
+        **extra,
     )
 
 
@@ -70,7 +76,8 @@ def build_app(args: dict | AppConfig | None = None) -> Application:
     pre = _deployment(Preprocessor, "Preprocessor", config.preprocessor).bind(config)
     vis = _deployment(VisionEncoderDeployment, "VisionEncoder", config.vision_encoder,
                       shares["vision_encoder"]).bind(config)
-    dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"]).bind(config, store)
+    dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"],
+                      config.engine.tensor_parallel_size).bind(config, store)
     trainer = _deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1}),
                           shares["trainer"]).bind(config, store)
     return _deployment(Ingress, "Ingress", config.ingress).bind(config, pre, vis, dec, trainer, store)

@@ -38,7 +38,7 @@ class VisionEncoderConfig(ReplicaConfig):
 class EngineLimits(_Strict):
     max_num_seqs: int = Field(64, ge=1, description="sequences decoded together in one step")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens (prefill chunks + decodes) per step")
-    kv_cache_memory_mb: int = Field(256, ge=1, description="KV pool budget per Decoder replica, in MiB")
+    kv_cache_memory_mb: int = Field(256, ge=1, description="KV pool budget per Decoder replica (per device of a tensor-parallel one), in MiB")
     block_size: int = Field(16, ge=1, description="tokens per KV block")
     max_model_len: int | None = Field(None, ge=16, description="prompt + completion limit; null = the model's")
     max_loras: int = Field(8, ge=0, description="adapters resident in engine slots per replica")
@@ -47,6 +47,10 @@ class EngineLimits(_Strict):
         256, ge=0, description="requests queued inside a Decoder replica before new ones get 503")
     enforce_eager: bool = Field(
         False, description="never capture CUDA graphs for decode steps (GPU only; for debugging or profiling)")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="devices one Decoder replica spans (Megatron tensor parallelism): the replica is rank 0 "
+                             "and starts N-1 worker actors, all placed on one node (STRICT_PACK); must divide the "
+                             "model's attention and KV heads")
 
 
 class ImageLimits(_Strict):

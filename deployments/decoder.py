@@ -15,6 +15,7 @@ from deployments.messages import EncodedRequest, PreparedRequest
 from deployments.metrics import DecoderMetrics, get_logger
 from deployments.openai_api import ApiError
 from deployments.placement import resolve_device_dtype
+from deployments.tp_workers import TPWorkers
 from engine.config import EngineConfig
 from engine.engine import AsyncEngine, LLMEngine
 from engine.optimal_sampling import OptimalSamplingParams
@@ -44,11 +45,14 @@ class Decoder:
         device, dtype = resolve_device_dtype(config)
         lim = config.engine
         self.config = config
-        self.engine = AsyncEngine(LLMEngine(EngineConfig(
+        engine_config = EngineConfig(
             model_dir=config.model_dir, device=device, dtype=dtype, block_size=lim.block_size,
             kv_cache_memory_bytes=lim.kv_cache_memory_mb * 2**20, max_num_seqs=lim.max_num_seqs,
             max_num_batched_tokens=max(lim.max_num_batched_tokens, lim.max_num_seqs), max_model_len=lim.max_model_len,
-            max_loras=lim.max_loras, max_lora_rank=lim.max_lora_rank, enforce_eager=lim.enforce_eager)))
+            max_loras=lim.max_loras, max_lora_rank=lim.max_lora_rank, enforce_eager=lim.enforce_eager)
+        # tensor_parallel_size > 1: this replica is rank 0; ranks 1..N-1 are Ray actors it starts
+        self.tp_workers = TPWorkers(engine_config, lim.tensor_parallel_size) if lim.tensor_parallel_size > 1 else None
+        self.engine = AsyncEngine(LLMEngine(engine_config, tp=self.tp_workers.spec if self.tp_workers else None))
         self.replica_id = _replica_id()
         self._inflight = 0  # generate() calls admitted and not yet finished
         self.engine.engine.name = self.replica_id
@@ -178,13 +182,15 @@ class Decoder:
                 "adapter_swaps": e.loras.num_swaps,
                 "store_seq": self.sync.seq if self.sync else None,
                 "engine_loop": dict(self.engine.loop_stats),
+                "tensor_parallel": {"size": self.config.engine.tensor_parallel_size,
+                                    "steps": e.tp.num_steps if e.tp is not None else None},
             }
 
         return await self.engine.run(read)
 
     async def ready(self) -> bool:
         """Model loaded (the constructor finished), engine thread alive, AdapterStore answering."""
-        if not self.engine.healthy:
+        if not self.engine.healthy or (self.tp_workers is not None and not self.tp_workers.alive):
             return False
         return self.sync is None or (self.sync.alive() and self.sync.silent_for() < STORE_SILENCE_S)
 
@@ -192,6 +198,8 @@ class Decoder:
         """Serve's periodic probe: a replica whose engine thread failed is marked unhealthy and replaced."""
         if not self.engine.healthy:
             raise RuntimeError(f"engine thread failed: {self.engine.error!r}")
+        if self.tp_workers is not None:
+            self.tp_workers.check()
 
     async def inject_engine_fault(self, message: str = "injected fault") -> str:
         """Fault drill (reachable through a Serve handle only, never over HTTP): the engine thread
@@ -205,6 +213,14 @@ class Decoder:
         threading.Timer(delay_s, os._exit, args=(1,)).start()
         return self.replica_id
 
+    async def kill_tp_worker_drill(self, rank: int = 1) -> str:
+        """Fault drill (reachable through a Serve handle only, never over HTTP): tensor-parallel worker
+        `rank`'s process is killed, as an OOM kill would end it. Returns this replica's id."""
+        if self.tp_workers is None:
+            raise ValueError("this Decoder replica is not tensor-parallel")
+        self.tp_workers.kill(rank)
+        return self.replica_id
+
     def __del__(self):
         if getattr(self, "_stop", None) is not None:
             self._stop.set()
@@ -213,3 +229,5 @@ class Decoder:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        if getattr(self, "tp_workers", None) is not None:
+            self.tp_workers.shutdown()

@@ -109,6 +109,18 @@ class ShardPlan:
 _IDLE_FOREVER = timedelta(days=365)
 
 
+class TPGroupError(RuntimeError):
+    """A collective failed: a peer rank died, hung past the group's timeout, or left."""
+
+
+def _wait(work, what: str) -> None:
+    try:
+        work.wait()
+    except RuntimeError as exc:  # gloo/NCCL report a lost or late peer as a RuntimeError
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TPGroupError(f"a tensor-parallel peer stopped answering during {what} ({first})") from exc
+
+
 class TPGroup:
     """This rank's membership: a gloo group for step messages, a device group for activations."""
 
@@ -134,13 +146,13 @@ class TPGroup:
     # -- activations ------------------------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over the ranks, in place."""
-        self.dev.allreduce([t]).wait()
+        _wait(self.dev.allreduce([t]), "an all-reduce")
         return t
 
     def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's `t` side by side along the last dimension (rank order)."""
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        self.dev.allgather([parts], [t.contiguous()]).wait()
+        _wait(self.dev.allgather([parts], [t.contiguous()]), "an all-gather")
         return torch.cat(parts, dim=-1)
 
     # -- step messages (rank 0 -> the others) -------------------------------------------------------
@@ -149,17 +161,17 @@ class TPGroup:
         buf = io.BytesIO()
         pickle.dump(_to_host(obj), buf, protocol=pickle.HIGHEST_PROTOCOL)
         data = torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8)
-        self.cpu.broadcast(torch.tensor([data.numel()], dtype=torch.long), 0).wait()
-        self.cpu.broadcast(data, 0).wait()
+        _wait(self.cpu.broadcast(torch.tensor([data.numel()], dtype=torch.long), 0), "a step broadcast")
+        _wait(self.cpu.broadcast(data, 0), "a step broadcast")
 
     def recv(self) -> Any:
         """Ranks 1..N-1: the next object rank 0 sent, its tensors on this rank's device.
 
         NOTE: unpickled only from rank 0 of the same group (a trusted peer of the same replica)."""
         n = torch.zeros(1, dtype=torch.long)
-        self.cpu.broadcast(n, 0).wait()
+        _wait(self.cpu.broadcast(n, 0), "a step broadcast")
         data = torch.empty(int(n.item()), dtype=torch.uint8)
-        self.cpu.broadcast(data, 0).wait()
+        _wait(self.cpu.broadcast(data, 0), "a step broadcast")
         return _to_device(pickle.loads(data.numpy().tobytes()), self.device)
 
 

@@ -19,7 +19,7 @@ from engine.engine import LLMEngine
 from engine.lora import LoRAWeights
 from engine.prompts import PromptBuilder
 from engine.sampling import SamplingParams
-from engine.tp import TPSpec, free_port
+from engine.tp import TPGroupError, TPSpec, free_port
 from engine.tp_worker import run_worker
 from engine.vision import VisionEncoder
 from tests.unit.oracle import hf_generate, hf_logits, peft_generate, random_image, random_peft_adapter
@@ -207,7 +207,7 @@ def test_replicated_lm_head_matches_hf_and_a_lost_worker_fails_the_step(tiny_mod
         worker.join(timeout=10)
         engine.add_request(p, SamplingParams(max_tokens=8, **GREEDY))
         t0 = time.monotonic()
-        with pytest.raises(RuntimeError):
+        with pytest.raises(TPGroupError, match="a tensor-parallel peer stopped answering during a step broadcast"):
             while engine.has_unfinished():
                 engine.step()
         assert time.monotonic() - t0 < 25
