@@ -3,6 +3,7 @@
     python bench/engine.py [--model-dir DIR | --arch-7b] [--device cpu|cuda] [--dtype ...]
                            [--batches 1,16,64] [--prompt-len 64] [--gen-len 64] [--quick] [--json PATH]
     python bench/engine.py hotpath [...]   # arrival step, aten ops per decode step, sampler (bench/hotpath.py)
+    python bench/engine.py --tp 2 [...]    # tensor-parallel step time, tp=2 vs tp=1 (bench/tp_bench.py)
 
 One run measures both sides on the same machine, same checkpoint, same prompts:
 
@@ -344,6 +345,10 @@ def main(argv=None) -> dict:
         import hotpath
 
         return hotpath.main(argv[1:])
+    if "--tp" in argv:  # tensor-parallel step time, tp=N vs tp=1 (bench/tp_bench.py)
+        import tp_bench
+
+        return tp_bench.main(argv, engine_decode)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

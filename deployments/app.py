@@ -78,8 +78,8 @@ def build_app(args: dict | AppConfig | None = None) -> Application:
                       shares["vision_encoder"]).bind(config)
     dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"],
                       config.engine.tensor_parallel_size).bind(config, store)
-    trainer = _deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1}),
-                          shares["trainer"]).bind(config, store)
+    trainer = (_deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1}),
+                           shares["trainer"]).bind(config, store) if config.learning else None)
     return _deployment(Ingress, "Ingress", config.ingress).bind(config, pre, vis, dec, trainer, store)
 
 

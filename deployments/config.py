@@ -125,6 +125,10 @@ class AppConfig(_Strict):
     decoder: ReplicaConfig = Field(default_factory=ReplicaConfig)
     ingress: ReplicaConfig = Field(default_factory=ReplicaConfig)
     trainer: ReplicaConfig = Field(default_factory=ReplicaConfig, description="online learning (one replica)")
+    learning: bool = Field(
+        True, description="run the Trainer (online learning, one device holding the whole base model); false: no "
+                          "Trainer replica, the learn routes answer 501 (e.g. a base model larger than one device; "
+                          "adapters trained elsewhere still load and serve at any tensor_parallel_size)")
 
     @property
     def model_name(self) -> str:
