@@ -63,7 +63,7 @@ def measure(model_dir: Path, tp: int, lm_head: str, args, engine_decode) -> dict
             workers.append(w)
     engine = LLMEngine(cfg, tp=spec)
     gen = torch.Generator().manual_seed(0)
-    vocab = min(engine.model.cfg.vocab_size, 1000)
+    vocab = 256  # byte-level BPE: ids below 256 are plain text tokens in every checkpoint this writes
     out = {"tp": tp, "lm_head": lm_head if tp > 1 else "-", "threads_per_rank": threads, "batches": []}
     for B in args.batches:
         prompts = [torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(B)]

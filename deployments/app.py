@@ -59,6 +59,13 @@ def prepare_config(args: dict | AppConfig) -> AppConfig:
         from engine.tiny import write_tiny_model
 
         write_tiny_model(config.model_dir)
+    tp = config.engine.tensor_parallel_size
+    if tp > 1:  # fail at `serve run`, not in every replica's constructor
+        from engine.model import TextConfig
+        from engine.tp import ShardPlan
+
+        tc = TextConfig.from_pretrained(config.model_dir)
+        ShardPlan(0, tp, vocab_parallel=True).check(tc.num_heads, tc.num_kv_heads, tc.intermediate_size, tc.vocab_size)
     return config
 
 
