@@ -3,13 +3,14 @@
     python bench/engine.py --tp 2 [--model tiny|small] [--batches 1,8] [--prompt-len 128] [--gen-len 32]
                                   [--device cpu|cuda] [--json PATH]
 
-For each configuration (tp=1, then tp=N with the vocab-parallel lm_head, then tp=N with a
+For each configuration (tp=1 twice, then tp=N with the vocab-parallel lm_head, then tp=N with a
 replicated lm_head) an engine is built, rank 0 in this process and ranks 1..N-1 in spawned
 processes (engine/tp_worker.run_worker), exactly as a Decoder replica's workers run it, and
 measured with bench/engine.py's `engine_decode`: the prefill of the batch (every row's first
-token) and the steady decode step. On a CPU the cores are split evenly: tp=1 uses all
-`--threads` (default: torch's count) and each of the N ranks a 1/N share, so the ratio says what
-splitting the same cores across processes costs or buys. `small` is a ~0.2B random
+token) and the steady decode step. On a CPU the cores are split evenly: each of the N ranks gets
+a 1/N share of `--threads` (default: torch's count); tp=1 is measured twice, with all the threads
+and with one rank's share, so the ratios say what splitting the same cores over processes costs
+or buys, and what one rank's share alone gives. `small` is a ~0.2B random
 Qwen2.5-VL text stack (hidden 1024, 8 layers) where the matmuls outweigh the all-reduces; `tiny`
 is the test model. On a GPU machine each rank takes one device (cuda:rank).
 """
@@ -47,8 +48,8 @@ def _worker(config: EngineConfig, spec: TPSpec, threads: int) -> None:
     run_worker(config, spec)
 
 
-def measure(model_dir: Path, tp: int, lm_head: str, args, engine_decode) -> dict:
-    threads = max(1, args.threads // tp)
+def measure(model_dir: Path, tp: int, lm_head: str, args, engine_decode, threads: int | None = None) -> dict:
+    threads = threads or max(1, args.threads // tp)
     torch.set_num_threads(threads)
     cfg = EngineConfig(str(model_dir), device=args.device, dtype=args.dtype, num_kv_blocks=2048,
                        max_num_seqs=max(args.batches), max_num_batched_tokens=max(2048, max(args.batches) * args.prompt_len),
@@ -99,19 +100,21 @@ def main(argv, engine_decode) -> dict:
     with tempfile.TemporaryDirectory(prefix="vlora-tp-bench-") as tmp:
         model_dir = Path(a.model_dir) if a.model_dir else write_tiny_model(
             Path(tmp) / a.model, seed=0, spec=SMALL if a.model == "small" else TinySpec())
-        runs = [measure(model_dir, 1, "-", a, engine_decode), measure(model_dir, a.tp, "vocab_parallel", a, engine_decode),
+        runs = [measure(model_dir, 1, "-", a, engine_decode),
+                measure(model_dir, 1, "-", a, engine_decode, threads=max(1, a.threads // a.tp)),
+                measure(model_dir, a.tp, "vocab_parallel", a, engine_decode),
                 measure(model_dir, a.tp, "replicated", a, engine_decode)]
     base = {b["batch"]: b for b in runs[0]["batches"]}
     print(f"tensor-parallel step time, {a.device} ({platform.processor() or platform.machine()}), {a.threads} threads "
           f"in all; model {a.model_dir or a.model}; prompt {a.prompt_len}, {a.gen_len} generated, greedy; "
           f"median of {a.repeats}")
-    print(f"{'tp':>3} {'lm_head':>15} {'batch':>5} {'prefill ms':>11} {'vs tp=1':>8} {'decode ms/step':>15} {'vs tp=1':>8}")
+    print(f"{'tp':>3} {'lm_head':>15} {'threads/rank':>12} {'batch':>5} {'prefill ms':>11} {'vs tp=1':>8} {'decode ms/step':>15} {'vs tp=1':>8}")
     for r in runs:
         for b in r["batches"]:
             b0 = base[b["batch"]]
             b["prefill_vs_tp1"] = b["prefill_ms"] / b0["prefill_ms"]
             b["decode_vs_tp1"] = b["decode_step_ms"] / b0["decode_step_ms"]
-            print(f"{r['tp']:>3} {r['lm_head']:>15} {b['batch']:>5} {b['prefill_ms']:>11.1f} {b['prefill_vs_tp1']:>7.2f}x "
+            print(f"{r['tp']:>3} {r['lm_head']:>15} {r['threads_per_rank']:>12} {b['batch']:>5} {b['prefill_ms']:>11.1f} {b['prefill_vs_tp1']:>7.2f}x "
                   f"{b['decode_step_ms']:>15.2f} {b['decode_vs_tp1']:>7.2f}x")
     result = {"meta": {"device": a.device, "threads": a.threads, "model": a.model_dir or a.model,
                        "prompt_len": a.prompt_len, "gen_len": a.gen_len, "repeats": a.repeats,

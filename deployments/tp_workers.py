@@ -46,13 +46,14 @@ class TPWorkers:
         host = ray.util.get_node_ip_address()
         self.spec = TPSpec(rank=0, world_size=tp_size, master_addr=host, master_port=free_port(host),
                            timeout_s=timeout_s)
-        # Each worker asks for what this replica holds (its bundle's CPUs and GPU).
-        held = ray.get_runtime_context().get_assigned_resources()
-        opts = {"num_cpus": held.get("CPU", 0), "num_gpus": held.get("GPU", 0)}
+        # Rank i takes bundle i of the replica's placement group (its CPUs and its GPU); outside one,
+        # what this replica holds.
         pg = get_current_placement_group()
+        held = ray.get_runtime_context().get_assigned_resources()
         self.actors, self._runs = [], []
         for rank in range(1, tp_size):
-            o = dict(opts)
+            res = pg.bundle_specs[rank] if pg is not None else held
+            o = {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0)}
             if pg is not None:
                 o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
             actor = TPWorker.options(**o).remote()
