@@ -31,7 +31,10 @@ import torch.distributed as dist
 @dataclass(frozen=True, slots=True)
 class TPSpec:
     """Where one rank sits in a tensor-parallel group and how the group meets (a TCP store at rank 0's
-    address). Every rank of a group gets the same spec but its own `rank`."""
+    address). Every rank of a group gets the same spec but its own `rank`.
+
+    NOTE: the store and the groups are unauthenticated (torch.distributed's): the port must only be
+    reachable inside the cluster."""
 
     rank: int
     world_size: int
