@@ -9,8 +9,8 @@ processes (engine/tp_worker.run_worker), exactly as a Decoder replica's workers 
 measured with bench/engine.py's `engine_decode`: the prefill of the batch (every row's first
 token) and the steady decode step. On a CPU the cores are split evenly: each of the N ranks gets
 a 1/N share of `--threads` (default: torch's count); tp=1 is measured twice, with all the threads
-and with one rank's share, so the ratios say what splitting the same cores over processes costs
-or buys, and what one rank's share alone gives. `small` is a ~0.2B random
+and with one rank's share. Ratios are against the second: what N ranks with a share each give
+over one rank with that share (on a GPU machine: over one device). `small` is a ~0.2B random
 Qwen2.5-VL text stack (hidden 1024, 8 layers) where the matmuls outweigh the all-reduces; `tiny`
 is the test model. On a GPU machine each rank takes one device (cuda:rank).
 """
@@ -52,7 +52,8 @@ def measure(model_dir: Path, tp: int, lm_head: str, args, engine_decode, threads
     threads = threads or max(1, args.threads // tp)
     torch.set_num_threads(threads)
     cfg = EngineConfig(str(model_dir), device=args.device, dtype=args.dtype, num_kv_blocks=2048,
-                       max_num_seqs=max(args.batches), max_num_batched_tokens=max(2048, max(args.batches) * args.prompt_len),
+                       max_num_seqs=max(args.batches),
+                       max_num_batched_tokens=max(2048, max(args.batches) * args.prompt_len),
                        max_loras=0, enforce_eager=True)
     workers, spec = [], None
     if tp > 1:
@@ -101,21 +102,24 @@ def main(argv, engine_decode) -> dict:
         model_dir = Path(a.model_dir) if a.model_dir else write_tiny_model(
             Path(tmp) / a.model, seed=0, spec=SMALL if a.model == "small" else TinySpec())
         runs = [measure(model_dir, 1, "-", a, engine_decode),
+                # the baseline of the ratios: tp=1 on one rank's share of the threads
                 measure(model_dir, 1, "-", a, engine_decode, threads=max(1, a.threads // a.tp)),
                 measure(model_dir, a.tp, "vocab_parallel", a, engine_decode),
                 measure(model_dir, a.tp, "replicated", a, engine_decode)]
-    base = {b["batch"]: b for b in runs[0]["batches"]}
+    base = {b["batch"]: b for b in runs[1]["batches"]}
     print(f"tensor-parallel step time, {a.device} ({platform.processor() or platform.machine()}), {a.threads} threads "
           f"in all; model {a.model_dir or a.model}; prompt {a.prompt_len}, {a.gen_len} generated, greedy; "
           f"median of {a.repeats}")
-    print(f"{'tp':>3} {'lm_head':>15} {'threads/rank':>12} {'batch':>5} {'prefill ms':>11} {'vs tp=1':>8} {'decode ms/step':>15} {'vs tp=1':>8}")
+    print(f"{'tp':>3} {'lm_head':>15} {'threads/rank':>12} {'batch':>5} {'prefill ms':>11} {'vs tp=1':>8} "
+          f"{'decode ms/step':>15} {'vs tp=1':>8}")
     for r in runs:
         for b in r["batches"]:
             b0 = base[b["batch"]]
             b["prefill_vs_tp1"] = b["prefill_ms"] / b0["prefill_ms"]
             b["decode_vs_tp1"] = b["decode_step_ms"] / b0["decode_step_ms"]
-            print(f"{r['tp']:>3} {r['lm_head']:>15} {r['threads_per_rank']:>12} {b['batch']:>5} {b['prefill_ms']:>11.1f} {b['prefill_vs_tp1']:>7.2f}x "
-                  f"{b['decode_step_ms']:>15.2f} {b['decode_vs_tp1']:>7.2f}x")
+            print(f"{r['tp']:>3} {r['lm_head']:>15} {r['threads_per_rank']:>12} {b['batch']:>5} "
+                  f"{b['prefill_ms']:>11.1f} {b['prefill_vs_tp1']:>7.2f}x {b['decode_step_ms']:>15.2f} "
+                  f"{b['decode_vs_tp1']:>7.2f}x")
     result = {"meta": {"device": a.device, "threads": a.threads, "model": a.model_dir or a.model,
                        "prompt_len": a.prompt_len, "gen_len": a.gen_len, "repeats": a.repeats,
                        "torch": torch.__version__}, "runs": runs}

@@ -217,7 +217,9 @@ class QwenTextModel(nn.Module):
         plan = model.plan
         params = dict(model.named_parameters())
         loaded = set()
-        want = lambda n: n == "lm_head.weight" or (n.startswith("model.") and not n.startswith("model.visual."))  # noqa: E731
+
+        def want(n: str) -> bool:
+            return n == "lm_head.weight" or (n.startswith("model.") and not n.startswith("model.visual."))
 
         def region(name: str, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
             target = _map_name(name)
