@@ -4,6 +4,7 @@
                            [--batches 1,16,64] [--prompt-len 64] [--gen-len 64] [--quick] [--json PATH]
     python bench/engine.py hotpath [...]   # arrival step, aten ops per decode step, sampler (bench/hotpath.py)
     python bench/engine.py structured [...]   # half-constrained vs unconstrained batch (bench/structured.py)
+    python bench/engine.py --tp 2 [...]    # tensor-parallel step time, tp=2 vs tp=1 (bench/tp_bench.py)
 
 One run measures both sides on the same machine, same checkpoint, same prompts:
 
@@ -358,6 +359,11 @@ def main(argv=None) -> dict:
             return out
 
         return structured.main(argv[1:], build_7b=build)
+
+    if "--tp" in argv:  # tensor-parallel step time, tp=N vs tp=1 (bench/tp_bench.py)
+        import tp_bench
+
+        return tp_bench.main(argv, engine_decode)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

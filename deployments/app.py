@@ -31,16 +31,23 @@ def _cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def _deployment(cls, name: str, replica, gpu_share: float = 0.0):
-    """A Serve deployment with the replica config's options; `autoscaling_config` replaces num_replicas."""
+def _deployment(cls, name: str, replica, gpu_share: float = 0.0, tensor_parallel_size: int = 1):
+    """A Serve deployment with the replica config's options; `autoscaling_config` replaces num_replicas;
+    a tensor-parallel replica reserves one bundle per rank on one node."""
     scaling = ({"autoscaling_config": replica.autoscaling_config} if replica.autoscaling_config is not None
                else {"num_replicas": replica.num_replicas})
+    opts = actor_options(replica, gpu_share, tensor_parallel_size)
+    extra = {}
+    if tensor_parallel_size > 1:  # the replica takes bundle 0, its worker actors bundles 1..N-1, on one node
+        extra = {"placement_group_bundles": [{"CPU": opts["num_cpus"], **({"GPU": opts["num_gpus"]} if opts.get(
+            "num_gpus") else {})}] * tensor_parallel_size, "placement_group_strategy": "STRICT_PACK"}
     return serve.deployment(cls, name=name).options(
         **scaling,
         max_ongoing_requests=replica.max_ongoing_requests,
         max_queued_requests=replica.max_queued_requests,
         health_check_period_s=replica.health_check_period_s,
-        ray_actor_options=actor_options(replica, gpu_share),
+        ray_actor_options=opts,
+        **extra,
     )
 
 
@@ -81,6 +88,13 @@ def prepare_config(args: dict | AppConfig) -> AppConfig:
         from engine.tiny import write_tiny_model
 
         write_tiny_model(config.model_dir)
+    tp = config.engine.tensor_parallel_size
+    if tp > 1:  # fail at `serve run`, not in every replica's constructor
+        from engine.model import TextConfig
+        from engine.tp import ShardPlan
+
+        tc = TextConfig.from_pretrained(config.model_dir)
+        ShardPlan(0, tp, vocab_parallel=True).check(tc.num_heads, tc.num_kv_heads, tc.intermediate_size, tc.vocab_size)
     return config
 
 
@@ -99,10 +113,11 @@ def build_app(args: dict | AppConfig | None = None) -> Application:
     pre = _deployment(Preprocessor, "Preprocessor", config.preprocessor).bind(config)
     vis = _deployment(VisionEncoderDeployment, "VisionEncoder", config.vision_encoder,
                       shares["vision_encoder"]).bind(config)
-    dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"]).bind(config, store)
-    trainer = _deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1,
-                                                                              "autoscaling_config": None}),
-                          shares["trainer"]).bind(config, store)
+    dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"],
+                      config.engine.tensor_parallel_size).bind(config, store)
+    trainer = (_deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1,
+                                                                               "autoscaling_config": None}),
+                           shares["trainer"]).bind(config, store) if config.learning else None)
     return _deployment(Ingress, "Ingress", config.ingress).bind(config, pre, vis, dec, trainer, store)
 
 

@@ -69,7 +69,7 @@ class VisionEncoderConfig(ReplicaConfig):
 class EngineLimits(_Strict):
     max_num_seqs: int = Field(64, ge=1, description="sequences decoded together in one step")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens (prefill chunks + decodes) per step")
-    kv_cache_memory_mb: int = Field(256, ge=1, description="KV pool budget per Decoder replica, in MiB")
+    kv_cache_memory_mb: int = Field(256, ge=1, description="KV pool budget per Decoder replica (per device of a tensor-parallel one), in MiB")
     block_size: int = Field(16, ge=1, description="tokens per KV block")
     max_model_len: int | None = Field(None, ge=16, description="prompt + completion limit; null = the model's")
     max_loras: int = Field(8, ge=0, description="adapters resident in engine slots per replica")
@@ -83,6 +83,10 @@ class EngineLimits(_Strict):
                           "so it shares no GIL with Serve's per-request work; false = a thread of the replica")
     max_grammars: int = Field(
         64, ge=1, description="compiled structured-output grammars kept per replica (least recently used evicted)")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="devices one Decoder replica spans (Megatron tensor parallelism): the replica is rank 0 "
+                             "and starts N-1 worker actors, all placed on one node (STRICT_PACK); must divide the "
+                             "model's attention and KV heads")
 
 
 class ImageLimits(_Strict):
@@ -168,6 +172,10 @@ class AppConfig(_Strict):
     decoder: ReplicaConfig = Field(default_factory=ReplicaConfig)
     ingress: ReplicaConfig = Field(default_factory=ReplicaConfig)
     trainer: ReplicaConfig = Field(default_factory=ReplicaConfig, description="online learning (one replica)")
+    learning: bool = Field(
+        True, description="run the Trainer (online learning, one device holding the whole base model); false: no "
+                          "Trainer replica, the learn routes answer 501 (e.g. a base model larger than one device; "
+                          "adapters trained elsewhere still load and serve at any tensor_parallel_size)")
 
     @property
     def model_name(self) -> str:

@@ -15,6 +15,7 @@ from deployments.messages import EncodedRequest, PreparedRequest
 from deployments.metrics import DecoderMetrics, get_logger
 from deployments.openai_api import ApiError
 from deployments.placement import resolve_device_dtype
+from deployments.tp_workers import TPWorkers
 from engine.config import EngineConfig
 from engine.engine import AsyncEngine, LLMEngine
 from engine.engine_process import EngineProcess
@@ -53,13 +54,17 @@ class Decoder:
             max_num_batched_tokens=max(lim.max_num_batched_tokens, lim.max_num_seqs), max_model_len=lim.max_model_len,
             max_loras=lim.max_loras, max_lora_rank=lim.max_lora_rank, enforce_eager=lim.enforce_eager,
             max_grammars=lim.max_grammars)
+        # tensor_parallel_size > 1: the engine is rank 0; ranks 1..N-1 are Ray actors this replica starts
+        self.tp_workers = TPWorkers(engine_config, lim.tensor_parallel_size) if lim.tensor_parallel_size > 1 else None
+        tp = self.tp_workers.spec if self.tp_workers else None
         interval_s = config.stream_interval_ms / 1000
         if lim.engine_process:
             from ray import cloudpickle  # engine calls below are closures; plain pickle takes none
 
-            self.engine = EngineProcess(engine_config, interval_s, name=self.replica_id, dumps=cloudpickle.dumps)
+            self.engine = EngineProcess(engine_config, interval_s, name=self.replica_id, dumps=cloudpickle.dumps,
+                                        tp=tp)
         else:
-            llm = LLMEngine(engine_config)
+            llm = LLMEngine(engine_config, tp=tp)
             llm.name = self.replica_id
             self.engine = AsyncEngine(llm, interval_s)
         self.metrics = DecoderMetrics(config.model_name)
@@ -160,11 +165,13 @@ class Decoder:
     async def stats(self) -> dict:
         state = await self.engine.run(LLMEngine.state)
         return {"replica_id": self.replica_id, **state, "adapter_swaps": state["lora_slot_loads"],
-                "store_seq": self.sync.seq if self.sync else None}
+                "store_seq": self.sync.seq if self.sync else None,
+                "tensor_parallel": {"size": self.config.engine.tensor_parallel_size,
+                                    "steps": state["tensor_parallel_steps"]}}
 
     async def ready(self) -> bool:
         """Model loaded (the constructor finished), engine thread alive, AdapterStore answering."""
-        if not self.engine.healthy:
+        if not self.engine.healthy or (self.tp_workers is not None and not self.tp_workers.alive):
             return False
         return self.sync is None or (self.sync.alive() and self.sync.silent_for() < STORE_SILENCE_S)
 
@@ -172,6 +179,8 @@ class Decoder:
         """Serve's periodic probe: a replica whose engine failed is marked unhealthy and replaced."""
         if not self.engine.healthy:
             raise RuntimeError(f"the engine failed: {self.engine.error!r}")
+        if self.tp_workers is not None:
+            self.tp_workers.check()
 
     async def inject_engine_fault(self, message: str = "injected fault") -> str:
         """Fault drill (reachable through a Serve handle only, never over HTTP): the engine thread
@@ -185,6 +194,14 @@ class Decoder:
         threading.Timer(delay_s, os._exit, args=(1,)).start()
         return self.replica_id
 
+    async def kill_tp_worker_drill(self, rank: int = 1) -> str:
+        """Fault drill (reachable through a Serve handle only, never over HTTP): tensor-parallel worker
+        `rank`'s process is killed, as an OOM kill would end it. Returns this replica's id."""
+        if self.tp_workers is None:
+            raise ValueError("this Decoder replica is not tensor-parallel")
+        self.tp_workers.kill(rank)
+        return self.replica_id
+
     def __del__(self):
         if getattr(self, "_stop", None) is not None:
             self._stop.set()
@@ -193,3 +210,5 @@ class Decoder:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        if getattr(self, "tp_workers", None) is not None:
+            self.tp_workers.shutdown()

@@ -610,6 +610,7 @@ class Ingress:
         if not isinstance(run_async, bool):
             raise ApiError(400, f"async must be true or false, got {run_async!r}", param="async")
         limits.check_adapter_name(name, self.model_name)
+        self._need_trainer()
         if run_async:
             job = await self._call(self.trainer.submit.remote(name, body))
             return JSONResponse(job, status_code=202)
@@ -619,7 +620,13 @@ class Ingress:
     @app.get("/v1/adapters/{name}/jobs/{job_id}")
     async def learn_job(self, name: str, job_id: str, request: Request):
         self._auth_admin(request)
+        self._need_trainer()
         return JSONResponse(await self._call(self.trainer.job.remote(name, job_id)))
+
+    def _need_trainer(self) -> None:
+        if self.trainer is None:
+            raise ApiError(501, "online learning is disabled on this server (learning: false in its config); "
+                                "load adapters trained elsewhere with POST /v1/adapters", type="not_implemented")
 
     @app.post("/v1/load_lora_adapter")
     async def vllm_load_lora_adapter(self, request: Request):
@@ -650,6 +657,8 @@ class Ingress:
                    "vision_encoder": ("VisionEncoder", c.vision_encoder.min_replicas),
                    "decoder": ("Decoder", c.decoder.min_replicas), "trainer": ("Trainer", 1),
                    "ingress": ("Ingress", c.ingress.min_replicas)}
+        if self.trainer is None:  # learning: false
+            del handles["trainer"], targets["trainer"]
         report = await health_report(self._app_name(), handles, targets)
         return JSONResponse({"status": report["status"], "model": self.model_name, **report},
                             status_code=200 if report["status"] == "ok" else 503)

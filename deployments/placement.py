@@ -17,9 +17,12 @@ def resolve_device_dtype(config: AppConfig) -> tuple[str, str]:
     return device, dtype
 
 
-def actor_options(replica: ReplicaConfig, gpu_share: float) -> dict:
-    """ray_actor_options for a deployment: the configured GPUs, or `gpu_share` when left on auto."""
+def actor_options(replica: ReplicaConfig, gpu_share: float, tensor_parallel_size: int = 1) -> dict:
+    """ray_actor_options for a deployment: the configured GPUs, or `gpu_share` when left on auto (a whole
+    GPU per rank for a tensor-parallel replica on a GPU cluster)."""
     gpus = replica.num_gpus if replica.num_gpus is not None else gpu_share
+    if tensor_parallel_size > 1 and replica.num_gpus is None and gpu_share > 0:
+        gpus = 1.0
     opts: dict = {"num_cpus": replica.num_cpus}
     if gpus:
         opts["num_gpus"] = gpus

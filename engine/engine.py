@@ -23,20 +23,22 @@ from typing import Any
 
 import torch
 
-from engine.config import LORA_TARGET_MODULES, EngineConfig
+from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
 from engine.grammar import GrammarCache
-from engine.kv_cache import KVBlockPool, KVCache
-from engine.lora import AdapterSlots, LoRAWeights
+from engine.kv_cache import KVBlockPool
+from engine.lora import LoRAWeights
 from engine.lora_manager import LoRAManager
-from engine.model import QwenTextModel
 from engine.model_runner import ModelRunner
+from engine.model_shard import load_model_shard
 from engine.optimal_sampling import OptimalSampler, OptimalSamplingParams
 from engine.output_stream import OutputStream, merge_outputs
 from engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
 from engine.sampling import RowState, Sampler, SamplingParams, apply_grammar_masks, grammar_masks
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SeqStatus
+from engine.tp import TPGroup, TPSpec
+from engine.tp_worker import TPDriver
 
 log = logging.getLogger(__name__)
 
@@ -88,29 +90,24 @@ def _prompt_parts(prompt: Any) -> tuple[list[int], torch.Tensor | None, int]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer: Any = None):
+    def __init__(self, config: EngineConfig, tokenizer: Any = None, tp: TPSpec | None = None):
+        """`tp`: this engine is rank 0 of a tensor-parallel group whose other ranks run
+        engine/tp_worker.run_worker with the same config (construction waits until they join)."""
         from transformers import AutoTokenizer
 
         self.config = config
-        dtype = getattr(torch, config.dtype)
-        self.model = QwenTextModel.from_pretrained(config.model_dir, config.device, dtype)
+        group = TPGroup(tp, config.device) if tp is not None and tp.world_size > 1 else None
+        shard = load_model_shard(config, group)
+        self.model, self.kv, self.slots, num_blocks = shard.model, shard.kv, shard.slots, shard.num_blocks
         mc = self.model.cfg
-        bpb = KVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, dtype)
-        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_memory_bytes // bpb)
         self.pool = KVBlockPool(num_blocks, config.block_size)
-        self.kv = KVCache(mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, dtype,
-                          config.device)
-        out_sizes = {m: o for (_, m), (_, o) in mc.lora_module_shapes(LORA_TARGET_MODULES).items()}
-        self.slots = (AdapterSlots(config.max_loras, config.max_lora_rank,
-                                   mc.lora_module_shapes(config.lora_target_modules), dtype, config.device,
-                                   out_sizes=out_sizes)
-                      if config.max_loras > 0 else None)
         self.loras = LoRAManager(self.slots)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
-        self.model.rope.ensure(self.max_model_len + 1)
-        self.runner = ModelRunner(self.model, self.kv, self.slots, config.block_size, config.device,
-                                  config.max_num_seqs, self.max_model_len, config.enforce_eager)
+        self.max_model_len = shard.max_model_len
+        # With tp, the runner drives the group; steps run eagerly (a broadcast cannot sit in a CUDA graph).
+        self.tp = TPDriver(self.model, group, self.slots) if group is not None else None
+        self.runner = ModelRunner(self.tp or self.model, self.kv, self.slots, config.block_size, config.device,
+                                  config.max_num_seqs, self.max_model_len, config.enforce_eager or group is not None)
         self.runner.capture()  # CUDA graphs for decode steps (no-op on a CPU or with enforce_eager)
         self.sampler = Sampler()
         self.optimal_sampler = OptimalSampler()
@@ -263,6 +260,7 @@ class LLMEngine:
             "adapters": {n: a.version for n, a in self.loras.adapters.items()},
             "resident_adapters": dict(self.loras.resident),
             "engine_loop": dict(self.step_stats),
+            "tensor_parallel_steps": self.tp.num_steps if self.tp is not None else None,
         }
 
     # -- the loop ---------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from engine.engine import EngineDeadError, LLMEngine
 from engine.output_stream import OutputStream, merge_outputs
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
+from engine.tp import TPSpec
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,13 @@ class EngineProcess:
 
     `dumps` serializes the functions given to `call`: plain `pickle` takes module-level functions
     only; a host that passes closures and lambdas supplies a serializer for them (the Decoder
-    passes Ray's cloudpickle). Waits for the model to load; raises if the child fails to start.
+    passes Ray's cloudpickle). `tp`: the child is rank 0 of that tensor-parallel group. Waits for the
+    model to load; raises if the child fails to start.
     """
 
     def __init__(self, config: EngineConfig, stream_interval_s: float = 0.0, name: str | None = None,
-                 dumps: Callable[[Any], bytes] = pickle.dumps, start_timeout_s: float = 1800.0):
+                 dumps: Callable[[Any], bytes] = pickle.dumps, start_timeout_s: float = 1800.0,
+                 tp: TPSpec | None = None):
         self.stream_interval_s = stream_interval_s
         self._dumps = dumps
         self._lock = threading.Lock()  # guards _pending, error, and the connection's send side
@@ -71,7 +74,7 @@ class EngineProcess:
             pass_fds=(theirs.fileno(),), env={**os.environ, "VLORA_TORCH_THREADS": str(torch.get_num_threads())})
         theirs.close()
         self._conn = Connection(ours.detach())
-        _send(self._conn, ("init", config, name))
+        _send(self._conn, ("init", config, name, tp))
         deadline = time.monotonic() + start_timeout_s
         while not self._conn.poll(0.2):
             code = self._proc.poll()
@@ -373,8 +376,8 @@ def _child_main(fd: int) -> None:
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        _, config, name = _recv(conn)
-        engine = LLMEngine(config)
+        _, config, name, tp = _recv(conn)
+        engine = LLMEngine(config, tp=tp)
         engine.name = name
     except BaseException as exc:  # noqa: BLE001 - told to the parent, which raises it
         log.exception("the engine failed to start")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.tp import ShardPlan
+
 
 @dataclass(slots=True)
 class LoRAWeights:
@@ -75,25 +77,38 @@ class AdapterSlots:
     `a[(layer, group)]` `[in, slots*R]` (module i at columns [i*max_rank, ...)) and the block
     `b[(layer, group)][slot]` `[R, out]`, block-diagonal: module i's rows write only its own
     output columns. One shrink matmul serves the whole merged projection.
+
+    Under tensor parallelism (`plan`) the slots are sharded like the base layers (S-LoRA, vLLM's
+    fully sharded LoRA): column-parallel projections (q/k/v, gate/up) keep A whole and this rank's
+    output rows of B; row-parallel ones (o, down) keep this rank's input columns of A and B whole,
+    so their partial deltas join the base layer's all-reduce. `load` takes full adapter weights.
+    `journal`, when set to a list, records every write (tensor-parallel rank 0 replays them on the
+    other ranks before the next step).
     """
 
     def __init__(self, num_slots: int, max_rank: int, module_shapes: dict[tuple[int, str], tuple[int, int]],
-                 dtype: torch.dtype, device: str | torch.device, out_sizes: dict[str, int] | None = None):
+                 dtype: torch.dtype, device: str | torch.device, out_sizes: dict[str, int] | None = None,
+                 plan: ShardPlan | None = None):
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.dtype = dtype
-        self.module_shapes = module_shapes  # (layer, module) -> (in_features, out_features)
+        self.plan = plan or ShardPlan()
+        self.journal: list | None = None
+        self.module_shapes = module_shapes  # (layer, module) -> full (in_features, out_features)
         # (layer, group) -> per module of the group: output column offset and size
         self.layout: dict[tuple[int, str], list[tuple[int, int]]] = {}
         ins: dict[tuple[int, str], int] = {}
         for (layer, mod), (i, o) in module_shapes.items():
             group, _ = _GROUP_OF[mod]
-            ins[(layer, group)] = i
+            lo, hi = self.plan.in_range(mod, i)
+            ins[(layer, group)] = hi - lo
         for (layer, group) in ins:
             offs, off = [], 0
             for m in LORA_GROUPS[group]:
                 # a module that is not a target has no LoRA; the model needs its columns (out_sizes)
-                size = (out_sizes or {}).get(m) or module_shapes.get((layer, m), (0, 0))[1]
+                full = (out_sizes or {}).get(m) or module_shapes.get((layer, m), (0, 0))[1]
+                lo, hi = self.plan.out_range(m, full)
+                size = hi - lo
                 offs.append((off, size))
                 off += size
             self.layout[(layer, group)] = offs
@@ -112,18 +127,38 @@ class AdapterSlots:
     def load(self, slot: int, lora: LoRAWeights) -> None:
         """Write `lora` into `slot` in place (other slots untouched); modules it lacks become zero."""
         self.check(lora)
-        self.clear(slot)
+        if self.journal is not None:
+            self.journal.append(("load", slot, lora))
+        self._zero(slot)
         for (layer, mod), (a, b) in lora.weights.items():
             group, i = _GROUP_OF[mod]
             key = (layer, group)
             w = self._width(key)
             off, size = self.layout[key][i]
             r = a.shape[0]
+            if self.plan.sharded:  # this rank's rows of B (column-parallel) or columns of A (row-parallel)
+                lo, hi = self.plan.out_range(mod, b.shape[0])
+                b = b[lo:hi]
+                lo, hi = self.plan.in_range(mod, a.shape[1])
+                a = a[:, lo:hi]
             lo = slot * w + i * self.max_rank
             self.a[key][:, lo:lo + r].copy_(a.T)
             self.b[key][slot, i * self.max_rank:i * self.max_rank + r, off:off + size].copy_(b.T * lora.scaling)
 
     def clear(self, slot: int) -> None:
+        if self.journal is not None:
+            self.journal.append(("clear", slot, None))
+        self._zero(slot)
+
+    def replay(self, ops: list) -> None:
+        """Apply writes journaled by another rank's slots (same order, this rank's shard)."""
+        for op, slot, lora in ops:
+            if op == "load":
+                self.load(slot, lora)
+            else:
+                self.clear(slot)
+
+    def _zero(self, slot: int) -> None:
         for key in self.a:
             w = self._width(key)
             self.a[key][:, slot * w:(slot + 1) * w].zero_()

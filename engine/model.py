@@ -18,6 +18,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.lora import AdapterSlots, LoRABatch, apply_lora
+from engine.tp import ShardPlan, TPGroup, shard_range
 from engine.weights import iter_tensors
 
 _LM_PREFIXES = ("model.language_model.", "model.")  # transformers >= 4.52 layout, then the hub layout
@@ -135,18 +136,26 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class DecoderLayer(nn.Module):
-    """One decoder layer with merged projections: q/k/v in one matmul (`qkv`), gate/up in one (`gate_up`)."""
+    """One decoder layer with merged projections: q/k/v in one matmul (`qkv`), gate/up in one (`gate_up`).
 
-    def __init__(self, cfg: TextConfig, idx: int):
+    Under tensor parallelism (`tp`) the layer holds this rank's heads, KV heads and MLP columns:
+    qkv and gate_up are column-parallel, o_proj and down_proj row-parallel, each followed by one
+    all-reduce (after its LoRA delta, whose A is sharded the same way, so the sum is exact).
+    """
+
+    def __init__(self, cfg: TextConfig, idx: int, tp: TPGroup | None = None):
         super().__init__()
+        w = tp.world_size if tp is not None else 1
         h, d = cfg.hidden_size, cfg.head_dim
         self.idx = idx
         self.cfg = cfg
-        self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.tp = tp
+        self.num_heads, self.num_kv_heads, inter = cfg.num_heads // w, cfg.num_kv_heads // w, cfg.intermediate_size // w
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         self.qkv = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=True)
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
-        self.gate_up = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.o_proj = nn.Linear(self.q_size, h, bias=False)
+        self.gate_up = nn.Linear(h, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, h, bias=False)
         self.input_layernorm = nn.Parameter(torch.ones(h))
         self.post_attention_layernorm = nn.Parameter(torch.ones(h))
 
@@ -164,39 +173,59 @@ class DecoderLayer(nn.Module):
         T = x.shape[0]
         h = rms_norm(x, self.input_layernorm, cfg.rms_norm_eps)
         qk, v = self._proj("qkv", h, slots, lora).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        qk = rotate(qk.view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-        v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
+        qk = rotate(qk.view(T, self.num_heads + self.num_kv_heads, cfg.head_dim), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.view(T, self.num_kv_heads, cfg.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, cfg.head_dim ** -0.5)
-        x = x + self._proj("o", attn, slots, lora)
+        x = x + self._reduce(self._proj("o", attn, slots, lora))
         h = rms_norm(x, self.post_attention_layernorm, cfg.rms_norm_eps)
         gate, up = self._proj("gate_up", h, slots, lora).chunk(2, dim=-1)
-        return x + self._proj("down", F.silu(gate) * up, slots, lora)
+        return x + self._reduce(self._proj("down", F.silu(gate) * up, slots, lora))
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel output: the sum of every rank's partial product."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
 
 class QwenTextModel(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """The text stack; with `tp`, this rank's shard (embedding replicated, lm_head per `tp.plan`)."""
+
+    def __init__(self, cfg: TextConfig, tp: TPGroup | None = None):
         super().__init__()
         self.cfg = cfg
+        self.tp = tp
+        self.plan = tp.plan if tp is not None else ShardPlan()
+        if self.plan.sharded:
+            self.plan.check(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, cfg.vocab_size)
+        vocab = cfg.vocab_size // self.plan.world_size if self.plan.vocab_parallel else cfg.vocab_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab, bias=False)
         self.rope = MRoPE(cfg, max_positions=1)
 
     @staticmethod
     def from_pretrained(model_dir: str | Path, device="cpu", dtype=torch.float32,
-                        max_positions: int | None = None) -> "QwenTextModel":
+                        max_positions: int | None = None, tp: TPGroup | None = None) -> "QwenTextModel":
+        """Load the language-model tensors; a tensor-parallel rank reads only its slice of each one."""
         cfg = TextConfig.from_pretrained(model_dir)
         with torch.device("meta"):
-            model = QwenTextModel(cfg)
+            model = QwenTextModel(cfg, tp)
         model = model.to_empty(device=device).to(dtype)
         with torch.device(device):
             model.rope = MRoPE(cfg, max_positions)
+        plan = model.plan
         params = dict(model.named_parameters())
         loaded = set()
-        for name, t in iter_tensors(model_dir, lambda n: n == "lm_head.weight" or
-                                    (n.startswith("model.") and not n.startswith(("model.visual.",)))):
+
+        def want(n: str) -> bool:
+            return n == "lm_head.weight" or (n.startswith("model.") and not n.startswith("model.visual."))
+
+        def region(name: str, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+            target = _map_name(name)
+            return None if target is None else _checkpoint_slice(cfg, plan, target[0], target[1], shape)
+
+        for name, t in iter_tensors(model_dir, want, region):
             target = _map_name(name)
             if target is None:
                 continue
@@ -205,12 +234,16 @@ class QwenTextModel(nn.Module):
                 continue
             dst = params[pname].data
             if part is not None:
-                lo, hi = _merged_rows(cfg, pname, part)
+                lo, hi = _merged_rows(cfg, pname, part, plan.world_size)
                 dst = dst[lo:hi]
             dst.copy_(t.to(dtype))
             loaded.add((pname, part))
         if cfg.tie_word_embeddings and ("lm_head.weight", None) not in loaded:
-            model.lm_head.weight = model.embed_tokens.weight
+            if plan.vocab_parallel and plan.sharded:  # this rank's vocabulary rows of the (replicated) embedding
+                lo, hi = shard_range(cfg.vocab_size, plan.rank, plan.world_size)
+                model.lm_head.weight = nn.Parameter(model.embed_tokens.weight.data[lo:hi], requires_grad=False)
+            else:
+                model.lm_head.weight = model.embed_tokens.weight
             loaded.add(("lm_head.weight", None))
         missing = {(p, part) for p in params for part in _parts_of(p)} - loaded
         if missing:
@@ -222,7 +255,8 @@ class QwenTextModel(nn.Module):
                 image_rows: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
                 slots: AdapterSlots | None = None, lora: LoRABatch | None = None,
                 logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Packed tokens [T] -> logits [len(logits_rows), vocab] (float32) for the rows that sample."""
+        """Packed tokens [T] -> logits [len(logits_rows), vocab] (float32) for the rows that sample
+        (None on ranks 1..N-1 of a tensor-parallel group with a replicated lm_head)."""
         x = self.embed_tokens(input_ids)
         if image_rows is not None:
             x = x.index_copy(0, image_rows, image_embeds.to(x.dtype))
@@ -231,8 +265,13 @@ class QwenTextModel(nn.Module):
             x = layer(x, cos, sin, kv_k[i], kv_v[i], meta, slots, lora)
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
+        if self.plan.sharded and not self.plan.vocab_parallel and self.plan.rank != 0:
+            return None  # a replicated lm_head runs on rank 0 only
         x = rms_norm(x, self.norm, self.cfg.rms_norm_eps)
-        return self.lm_head(x).float()
+        logits = self.lm_head(x)
+        if self.plan.sharded and self.plan.vocab_parallel:
+            logits = self.tp.all_gather_last(logits)
+        return logits.float()
 
 
 _LAYER_RENAMES = {
@@ -252,9 +291,34 @@ def _parts_of(pname: str) -> tuple[str | None, ...]:
     return (None,)
 
 
-def _merged_rows(cfg: TextConfig, pname: str, part: str) -> tuple[int, int]:
-    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+def _merged_rows(cfg: TextConfig, pname: str, part: str, world_size: int = 1) -> tuple[int, int]:
+    """Rows of a merged parameter (one rank's shard of it) that checkpoint tensor `part` fills."""
+    q, kv = cfg.num_heads * cfg.head_dim // world_size, cfg.num_kv_heads * cfg.head_dim // world_size
+    inter = cfg.intermediate_size // world_size
     return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv), "gate": (0, inter), "up": (inter, 2 * inter)}[part]
+
+
+_PART_MODULE = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj", "up": "up_proj"}
+
+
+def _checkpoint_slice(cfg: TextConfig, plan: ShardPlan, pname: str, part: str | None,
+                      shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+    """The region of a checkpoint tensor this rank loads (None: all of it).
+
+    Column-parallel weights and biases: a block of output rows; row-parallel weights: a block of
+    input columns; a vocab-parallel lm_head: a block of vocabulary rows; the rest is replicated."""
+    if not plan.sharded:
+        return None
+    if part is not None:  # q/k/v or gate/up: output rows (weight [out, in] or bias [out])
+        lo, hi = plan.out_range(_PART_MODULE[part], shape[0])
+        return (slice(lo, hi),)
+    if pname.endswith(("o_proj.weight", "down_proj.weight")):
+        lo, hi = shard_range(shape[1], plan.rank, plan.world_size)
+        return (slice(None), slice(lo, hi))
+    if pname == "lm_head.weight" and plan.vocab_parallel:
+        lo, hi = shard_range(shape[0], plan.rank, plan.world_size)
+        return (slice(lo, hi),)
+    return None
 
 
 def _map_name(name: str) -> tuple[str, str | None] | None:

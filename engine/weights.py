@@ -24,10 +24,21 @@ def checkpoint_files(model_dir: str | Path, want: Callable[[str], bool] = lambda
     return files
 
 
-def iter_tensors(model_dir: str | Path, want: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for the checkpoint tensors whose name passes `want`, one at a time."""
+def iter_tensors(model_dir: str | Path, want: Callable[[str], bool],
+                 region: Callable[[str, tuple[int, ...]], tuple[slice, ...] | None] | None = None,
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for the checkpoint tensors whose name passes `want`, one at a time.
+
+    `region(name, shape)` may name a slice to read instead of the whole tensor (a tensor-parallel
+    rank's shard): only that slice is read from the file."""
     for f in checkpoint_files(model_dir, want):
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
-                if want(name):
+                if not want(name):
+                    continue
+                if region is None:
                     yield name, st.get_tensor(name)
+                    continue
+                sl = st.get_slice(name)
+                part = region(name, tuple(sl.get_shape()))
+                yield name, (st.get_tensor(name) if part is None else sl[part])

@@ -1,8 +1,8 @@
 """One Ray + Serve instance for the whole test session, with the app deployed on the tiny model.
 
-Two applications share it: `vlora` (2 Decoder replicas, API and admin keys on) for the behaviour
-tests, and `overload` (1 tiny Decoder with a queue of one, no admin keys) for the 503, closed-admin
-and engine-fault tests.
+Two applications share it: `vlora` (2 Decoder replicas x 2 tensor-parallel ranks, API and admin
+keys on) for the behaviour tests, and `overload` (1 tiny Decoder with a queue of one, no admin
+keys) for the 503, closed-admin and engine-fault tests.
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ def serve_instance(tiny_model_dir, tmp_path_factory, hf_model):
     uploads = tmp_path_factory.mktemp("uploads")  # the only place POST /v1/adapters may load from
     startup = startup_adapters(hf_model, tmp_path_factory.mktemp("startup"))
     serve.run(build_app(base_config(tiny_model_dir, store, uploads,
-                                    adapters=[{"name": n, "path": src} for n, (src, _) in startup.items()])),
+                                    adapters=[{"name": n, "path": src} for n, (src, _) in startup.items()],
+                                    # tensor-parallel Decoders (2 ranks each): every serving and adapter test runs through them
+                                    engine={"tensor_parallel_size": 2})),
               name="vlora", route_prefix="/")
     # overload: also the app without admin keys (admin routes closed), with one adapter slot, and
     # whose Decoder test_security.py kills (Serve's 1 s health check replaces it).

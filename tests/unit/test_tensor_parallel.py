@@ -1,0 +1,216 @@
+"""Tensor parallelism on CPU (gloo, 2 processes) against HF and HF+PEFT.
+
+Rank 0 is an LLMEngine in the test process; rank 1 runs engine/tp_worker.run_worker in a
+spawned process. Greedy output must be token-identical to HF, logits within 1e-4.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pytest
+import torch
+
+from adapters.peft_io import load_peft_adapter
+from engine.attention import AttentionMetadata
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.lora import LoRAWeights
+from engine.prompts import PromptBuilder
+from engine.sampling import SamplingParams
+from engine.tp import TPGroupError, TPSpec, free_port
+from engine.tp_worker import run_worker
+from engine.vision import VisionEncoder
+from tests.unit.oracle import hf_generate, hf_logits, peft_generate, random_image, random_peft_adapter
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def start_group(config: EngineConfig, lm_head: str = "vocab_parallel", timeout_s: float = 60.0):
+    """(rank-0 engine, rank-1 process): a 2-rank group on this machine."""
+    spec = TPSpec(rank=0, world_size=2, master_port=free_port(), timeout_s=timeout_s, lm_head=lm_head)
+    worker = mp.get_context("spawn").Process(target=run_worker, args=(config, spec.for_rank(1)), daemon=True)
+    worker.start()
+    return LLMEngine(config, tp=spec), worker
+
+
+@pytest.fixture(scope="module")
+def tp_engine(tiny_model_dir):
+    engine, worker = start_group(EngineConfig(str(tiny_model_dir), block_size=4, num_kv_blocks=512, max_loras=4,
+                                              max_lora_rank=8))
+    yield engine
+    engine.tp.stop()
+    worker.join(timeout=30)
+    assert worker.exitcode == 0  # the worker left its loop on "stop"
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_model_dir):
+    return PromptBuilder.from_pretrained(tiny_model_dir)
+
+
+def chat(builder, text, grids=()):
+    parts = [{"type": "image_url", "image_url": {"url": "x"}} for _ in grids] + [{"type": "text", "text": text}]
+    return builder.build_chat([{"role": "user", "content": parts}], list(grids))
+
+
+def assert_pool_free(engine):
+    assert not engine.has_unfinished()
+    assert engine.pool.num_free_blocks == engine.pool.num_blocks
+
+
+def test_each_rank_holds_its_heads_and_columns(tp_engine):
+    """The tiny model (4 heads, 2 KV heads, MLP 176, head_dim 16) split in two."""
+    m = tp_engine.model
+    d = m.cfg.head_dim
+    layer = m.layers[0]
+    assert (layer.num_heads, layer.num_kv_heads) == (2, 1)
+    assert tuple(layer.qkv.weight.shape) == ((2 + 1 + 1) * d, 64)
+    assert tuple(layer.o_proj.weight.shape) == (64, 2 * d)
+    assert tuple(layer.gate_up.weight.shape) == (2 * 88, 64)
+    assert tuple(layer.down_proj.weight.shape) == (64, 88)
+    assert tuple(m.lm_head.weight.shape) == (m.cfg.vocab_size // 2, 64)  # vocab-parallel
+    assert tuple(tp_engine.kv.k[0].shape[2:]) == (1, d)  # rank 0's KV pool holds its one KV head
+    # rank 0's slice of q_proj is the checkpoint's first half of q rows
+    from safetensors import safe_open
+
+    with safe_open(f"{tp_engine.config.model_dir}/model.safetensors", framework="pt") as st:
+        name = next(n for n in st.keys() if n.endswith("layers.0.self_attn.q_proj.weight"))
+        assert torch.equal(layer.qkv.weight[:2 * d], st.get_tensor(name)[:2 * d])
+
+
+def test_packed_forward_logits_match_hf(tp_engine, hf_model):
+    """Two prefills then a mixed decode step through both ranks' paged caches: logits within 1e-4 of HF."""
+    e = tp_engine
+    a, b = [5, 6, 7, 8, 9, 10, 11], [20, 21, 22]
+    meta = AttentionMetadata.build([[3, 1], [7]], [0, 0], [7, 3], 4, "cpu")
+    pos = torch.cat([torch.arange(7), torch.arange(3)]).expand(3, -1)
+    lg = e.tp(torch.tensor(a + b), pos, meta, e.kv.k_flat, e.kv.v_flat, slots=e.slots)
+    assert (lg[:7] - hf_logits(hf_model, a)).abs().max() < 1e-4
+    assert (lg[7:] - hf_logits(hf_model, b)).abs().max() < 1e-4
+    meta = AttentionMetadata.build([[3, 1], [7]], [7, 3], [1, 1], 4, "cpu")
+    lg = e.tp(torch.tensor([3, 4]), torch.tensor([7, 3]).expand(3, -1), meta, e.kv.k_flat, e.kv.v_flat, slots=e.slots)
+    assert (lg[0] - hf_logits(hf_model, a + [3])[-1]).abs().max() < 1e-4
+    assert (lg[1] - hf_logits(hf_model, b + [4])[-1]).abs().max() < 1e-4
+
+
+def test_text_prompts_greedy_match_hf(tp_engine, builder, hf_model):
+    prompts = [chat(builder, t) for t in ["What colour is this?", "Hello", "Describe the image in detail please."]]
+    outs = tp_engine.generate(prompts, SamplingParams(max_tokens=12, **GREEDY))
+    for p, o in zip(prompts, outs):
+        assert o[0] == hf_generate(hf_model, p.token_ids, 12)
+    assert tp_engine.runner.num_decode_steps > 0  # the static decode path ran through the group too
+    assert_pool_free(tp_engine)
+
+
+@pytest.mark.parametrize("sizes", [[(56, 84)], [(84, 56), (112, 112)]], ids=["one-image", "two-images"])
+def test_image_prompts_greedy_match_hf(tp_engine, builder, hf_model, hf_image_processor, tiny_model_dir, sizes):
+    """The vision tower is not sharded: rank 0 receives the embeddings and sends them with the step."""
+    imgs = [random_image(i, h, w) for i, (h, w) in enumerate(sizes)]
+    feats = hf_image_processor(images=imgs, return_tensors="pt")
+    grids = [tuple(g) for g in feats["image_grid_thw"].tolist()]
+    prompt = chat(builder, "What colour is this?", grids)
+    counts = [t * h * w for t, h, w in grids]
+    embeds = torch.cat(VisionEncoder.from_pretrained(tiny_model_dir).encode(list(feats["pixel_values"].split(counts)),
+                                                                             grids))
+    rid = tp_engine.add_request(prompt, SamplingParams(max_tokens=10, logprobs=True, top_logprobs=5, **GREEDY),
+                                image_embeds=embeds)
+    toks, lps = [], []
+    while tp_engine.has_unfinished():
+        for o in tp_engine.step():
+            assert o.request_id == rid
+            toks += o.choices[0].token_ids
+            lps += o.choices[0].logprobs
+    assert toks == hf_generate(hf_model, prompt.token_ids, 10, feats["pixel_values"], feats["image_grid_thw"])
+    full = hf_logits(hf_model, prompt.token_ids + toks, feats["pixel_values"], feats["image_grid_thw"])
+    ref_lp = torch.log_softmax(full[len(prompt.token_ids) - 1:-1], dim=-1)
+    for k, lp in enumerate(lps):
+        assert abs(lp.logprob - ref_lp[k, toks[k]].item()) < 1e-4
+        assert [t for t, _ in lp.top] == ref_lp[k].topk(5).indices.tolist()
+    assert_pool_free(tp_engine)
+
+
+@pytest.fixture(scope="module")
+def peft_adapters(hf_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tp_adapters")
+    return {
+        "a1": random_peft_adapter(hf_model, d / "a1", seed=1, r=2, alpha=4),
+        "a2": random_peft_adapter(hf_model, d / "a2", seed=2, r=8, alpha=8, use_rslora=True),
+        "a3": random_peft_adapter(hf_model, d / "a3", seed=3, r=4, alpha=16, targets=("q_proj", "v_proj", "down_proj")),
+    }
+
+
+def test_three_adapters_and_base_in_one_batch_match_hf_peft(tp_engine, builder, hf_model, peft_adapters):
+    for name, path in peft_adapters.items():
+        tp_engine.add_lora(name, load_peft_adapter(path)[0])
+    prompt = chat(builder, "What colour is this? It is").token_ids
+    names = ["a1", None, "a2", "a3", None, "a1"]
+    outs = tp_engine.generate([prompt] * len(names), SamplingParams(max_tokens=10, **GREEDY), adapters=names)
+    base_ref = hf_generate(hf_model, prompt, 10)
+    refs = {n: peft_generate(hf_model, p, prompt, 10) for n, p in peft_adapters.items()}
+    assert len({tuple(r) for r in refs.values()} | {tuple(base_ref)}) == 4  # the adapters really differ
+    for name, out in zip(names, outs):
+        assert out[0] == (base_ref if name is None else refs[name]), name
+    assert_pool_free(tp_engine)
+
+
+def _swap_mid_run(engine, prompt, sp, flipped) -> list[list[int]]:
+    rids = [engine.add_request(prompt, sp, a) for a in ["a1", "a2", None]]
+    got = {r: [] for r in rids}
+    steps = 0
+    while engine.has_unfinished():
+        if steps == 5:
+            engine.slots.load(engine.loras.resident["a1"], flipped)  # in place, between steps
+        for o in engine.step():
+            got[o.request_id] += o.choices[0].token_ids
+        steps += 1
+    return [got[r] for r in rids]
+
+
+def test_hot_swap_mid_run_changes_only_that_adapter_on_every_rank(tp_engine, tiny_model_dir, builder, peft_adapters):
+    """A slot rewritten between steps on rank 0 is rewritten on rank 1 before the next step: only that
+    adapter's later tokens change, exactly as in a one-process engine doing the same swap (a swap on
+    rank 0 alone would mix old and new weights and give other tokens)."""
+    single = LLMEngine(EngineConfig(str(tiny_model_dir), block_size=4, num_kv_blocks=512, max_loras=4, max_lora_rank=8))
+    for e in (tp_engine, single):
+        for name, path in peft_adapters.items():
+            e.add_lora(name, load_peft_adapter(path)[0])
+    prompt = chat(builder, "Hello! How can I help").token_ids
+    sp = SamplingParams(max_tokens=12, **GREEDY)
+    w = load_peft_adapter(peft_adapters["a1"])[0]
+    flipped = LoRAWeights(w.rank, w.scaling, {k: (a, -3 * b) for k, (a, b) in w.weights.items()})
+    before = tp_engine.generate([prompt] * 3, sp, adapters=["a1", "a2", None])
+    a1, a2, base = _swap_mid_run(tp_engine, prompt, sp, flipped)
+    assert a2 == before[1][0] and base == before[2][0]
+    assert a1[:5] == before[0][0][:5] and a1 != before[0][0]
+    assert [a1, a2, base] == _swap_mid_run(single, prompt, sp, flipped)
+    # a new version while idle is rewritten in place on both ranks; the old one back gives the old tokens
+    tp_engine.add_lora("a1", flipped, version=2)
+    single.add_lora("a1", flipped, version=2)
+    assert tp_engine.generate([prompt], sp, adapters=["a1"]) == single.generate([prompt], sp, adapters=["a1"])
+    tp_engine.add_lora("a1", w, version=3)
+    assert tp_engine.generate([prompt], sp, adapters=["a1"])[0][0] == before[0][0]
+    assert_pool_free(tp_engine)
+
+
+def test_replicated_lm_head_matches_hf_and_a_lost_worker_fails_the_step(tiny_model_dir, tokenizer, hf_model):
+    """The other lm_head choice gives the same tokens; then rank 1 is killed: the next step raises
+    within the group's timeout instead of hanging."""
+    engine, worker = start_group(EngineConfig(str(tiny_model_dir), block_size=4, num_kv_blocks=64, max_loras=0),
+                                 lm_head="replicated", timeout_s=20)
+    try:
+        assert tuple(engine.model.lm_head.weight.shape) == (engine.model.cfg.vocab_size, 64)
+        p = tokenizer("Numbers: 1 2 3").input_ids
+        assert engine.generate([p], SamplingParams(max_tokens=8, **GREEDY))[0][0] == hf_generate(hf_model, p, 8)
+        worker.kill()
+        worker.join(timeout=10)
+        engine.add_request(p, SamplingParams(max_tokens=8, **GREEDY))
+        t0 = time.monotonic()
+        with pytest.raises(TPGroupError, match="a tensor-parallel peer stopped answering during a step broadcast"):
+            while engine.has_unfinished():
+                engine.step()
+        assert time.monotonic() - t0 < 25
+    finally:
+        if worker.is_alive():
+            worker.kill()
