@@ -195,10 +195,10 @@ def test_hot_swap_mid_run_changes_only_that_adapter_on_every_rank(tp_engine, tin
 
 
 def test_replicated_lm_head_matches_hf_and_a_lost_worker_fails_the_step(tiny_model_dir, tokenizer, hf_model):
-    """The other lm_head choice gives the same tokens; then rank 1 is killed: the next step raises
-    within the group's timeout instead of hanging."""
+    """The other lm_head choice gives the same tokens; then rank 1 is killed: the next step raises at
+    once (the worker's connection closed) instead of waiting for the group's timeout."""
     engine, worker = start_group(EngineConfig(str(tiny_model_dir), block_size=4, num_kv_blocks=64, max_loras=0),
-                                 lm_head="replicated", timeout_s=20)
+                                 lm_head="replicated", timeout_s=300)
     try:
         assert tuple(engine.model.lm_head.weight.shape) == (engine.model.cfg.vocab_size, 64)
         p = tokenizer("Numbers: 1 2 3").input_ids
@@ -210,7 +210,7 @@ def test_replicated_lm_head_matches_hf_and_a_lost_worker_fails_the_step(tiny_mod
         with pytest.raises(TPGroupError, match="a tensor-parallel peer stopped answering during a step broadcast"):
             while engine.has_unfinished():
                 engine.step()
-        assert time.monotonic() - t0 < 25
+        assert time.monotonic() - t0 < 60  # the closed connection ended it, not the group's 300 s timeout
     finally:
         if worker.is_alive():
             worker.kill()
