@@ -223,3 +223,19 @@ def test_tool_call_grammar(engine, builder):
     assert call["name"] in ("get_weather", "get_time")
     if call["name"] == "get_weather":
         jsonschema.validate(call["arguments"], params)
+
+
+def test_each_of_n_choices_has_its_own_matcher(engine, builder):
+    spec = GrammarSpec.json_schema(SCHEMA)
+    rid = engine.add_request(prompt(builder, "two of them"), SamplingParams(n=2, max_tokens=150, temperature=1.2,
+                                                                           seed=8, grammar=spec))
+    out = {0: [], 1: []}
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert o.request_id == rid
+            for c in o.choices:
+                out[c.index].extend(c.token_ids)
+    docs = [json.loads(_text(engine, out[i])) for i in (0, 1)]
+    for doc in docs:
+        jsonschema.validate(doc, SCHEMA)
+    assert out[0] != out[1]  # two draws, two documents
