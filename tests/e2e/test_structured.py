@@ -59,19 +59,23 @@ def _stream_text(stream) -> tuple[str, str]:
     return text, reason
 
 
-def test_json_schema_for_base_and_adapter_rows_in_one_batch_streamed_and_not(client, adapter):
+def test_json_schema_for_base_adapter_and_image_rows_in_one_batch_streamed_and_not(client, adapter):
     msgs = [{"role": "user", "content": "Write a short report."}]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": BLUE}},
+                                          {"type": "text", "text": "Report on this picture."}]}]
 
-    def unary(model, seed):
-        r = client.chat.completions.create(model=model, messages=msgs, response_format=RESPONSE_FORMAT,
+    def unary(model, seed, messages=msgs):
+        r = client.chat.completions.create(model=model, messages=messages, response_format=RESPONSE_FORMAT,
                                            max_tokens=200, temperature=1.0, seed=seed)
         return r.choices[0].message.content, r.choices[0].finish_reason
 
-    def streamed(model, seed):
-        return _stream_text(client.chat.completions.create(model=model, messages=msgs, response_format=RESPONSE_FORMAT,
-                                                           max_tokens=200, temperature=1.0, seed=seed, stream=True))
+    def streamed(model, seed, messages=msgs):
+        return _stream_text(client.chat.completions.create(model=model, messages=messages, max_tokens=200, seed=seed,
+                                                           response_format=RESPONSE_FORMAT, temperature=1.0,
+                                                           stream=True))
 
-    jobs = [(unary, "tiny", 1), (unary, adapter, 2), (streamed, "tiny", 3), (streamed, adapter, 4)]
+    jobs = [(unary, "tiny", 1), (unary, adapter, 2), (streamed, "tiny", 3), (streamed, adapter, 4),
+            (lambda m, s: unary(m, s, image), adapter, 5), (lambda m, s: streamed(m, s, image), "tiny", 6)]
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(lambda j: j[0](j[1], j[2]), jobs))
     for text, reason in results:
