@@ -401,7 +401,29 @@ class LLMEngine:
         return [out[r] for r in rids]
 
 
-class AsyncEngine:
+class EngineFrontend:
+    """What the two hosts of an LLMEngine share, built on their own `call` and `generate`:
+    `AsyncEngine` (a thread of this process) and engine/engine_process.py's `EngineProcess`."""
+
+    error: BaseException | None = None  # what ended the engine, if anything did
+
+    async def run(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        return await asyncio.wrap_future(self.call(fn))
+
+    async def complete(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
+                       image_embeds: torch.Tensor | None = None, request_id: str | None = None,
+                       **optimal: Any) -> RequestOutput:
+        """Run a request to the end; its whole output as one RequestOutput (non-streaming callers)."""
+        outs = [out async for out in self.generate(prompt, sampling, adapter, image_embeds, request_id,
+                                                   stream_interval_s=math.inf, **optimal)]
+        return merge_outputs(outs)
+
+    def _dead(self) -> EngineDeadError:
+        return EngineDeadError(f"the engine failed ({type(self.error).__name__}: {self.error}); "
+                               "this replica is being replaced, retry the request")
+
+
+class AsyncEngine(EngineFrontend):
     """Runs an LLMEngine on its own thread; coroutines submit requests and stream their deltas.
 
     All engine calls happen on the engine thread (between steps), so adapter swaps and aborts
@@ -443,9 +465,6 @@ class AsyncEngine:
             self._fail_commands()
         return fut
 
-    async def run(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        return await asyncio.wrap_future(self.call(fn))
-
     def inject_fault(self, exc: BaseException) -> None:
         """Make the engine thread raise `exc` before its next step (fault drills and tests)."""
         def arm(_: LLMEngine) -> None:
@@ -481,22 +500,10 @@ class AsyncEngine:
             if not finished and self.error is None:
                 self.call(lambda e: e.abort(rid))
 
-    async def complete(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
-                       image_embeds: torch.Tensor | None = None, request_id: str | None = None,
-                       **optimal: Any) -> RequestOutput:
-        """Run a request to the end; its whole output as one RequestOutput (non-streaming callers)."""
-        outs = [out async for out in self.generate(prompt, sampling, adapter, image_embeds, request_id,
-                                                   stream_interval_s=math.inf, **optimal)]
-        return merge_outputs(outs)
-
     def shutdown(self) -> None:
         self._stopped = True
         self._commands.put((None, None))
         self._thread.join(timeout=10)
-
-    def _dead(self) -> EngineDeadError:
-        return EngineDeadError(f"the engine failed ({type(self.error).__name__}: {self.error}); "
-                               "this replica is being replaced, retry the request")
 
     def _run_commands(self, block: bool) -> None:
         while True:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig
-from engine.engine import EngineDeadError, LLMEngine
+from engine.engine import EngineDeadError, EngineFrontend, LLMEngine
 from engine.output_stream import OutputStream, merge_outputs
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
@@ -47,7 +47,7 @@ from engine.tp import TPSpec
 log = logging.getLogger(__name__)
 
 
-class EngineProcess:
+class EngineProcess(EngineFrontend):
     """Starts `LLMEngine(config)` in a child process and drives it from this one.
 
     `dumps` serializes the functions given to `call`: plain `pickle` takes module-level functions
@@ -102,9 +102,6 @@ class EngineProcess:
         """Run `fn(engine)` in the child between steps; its result (pickled back) completes the future."""
         return self._request("call", self._dumps(fn))
 
-    async def run(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        return await asyncio.wrap_future(self.call(fn))
-
     def inject_fault(self, exc: BaseException) -> None:
         """Make the child raise `exc` before its next step (fault drills and tests)."""
         self._send_quiet(("fault", exc))
@@ -139,14 +136,6 @@ class EngineProcess:
             if not finished and self.error is None:
                 self._send_quiet(("abort", rid))
 
-    async def complete(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
-                       image_embeds: torch.Tensor | None = None, request_id: str | None = None,
-                       **optimal: Any) -> RequestOutput:
-        """Run a request to the end; its whole output as one RequestOutput (non-streaming callers)."""
-        outs = [out async for out in self.generate(prompt, sampling, adapter, image_embeds, request_id,
-                                                   stream_interval_s=math.inf, **optimal)]
-        return merge_outputs(outs)
-
     def shutdown(self) -> None:
         self._stopped = True
         self._send_quiet(("stop",))
@@ -162,10 +151,6 @@ class EngineProcess:
         self._proc.kill()
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _dead(self) -> EngineDeadError:
-        return EngineDeadError(f"the engine failed ({type(self.error).__name__}: {self.error}); "
-                               "this replica is being replaced, retry the request")
-
     def _request(self, kind: str, payload: Any) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
