@@ -11,12 +11,14 @@ import os
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from deployments.config import AppConfig
 from deployments.decoder import Decoder
 from deployments.ingress import Ingress
 from deployments.placement import actor_options, gpu_shares
 from deployments.preprocessor import Preprocessor
+from deployments.routing import AdapterAffinityRouter
 from deployments.trainer import Trainer
 from deployments.vision_encoder import VisionEncoderDeployment
 
@@ -29,13 +31,14 @@ def _cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def _deployment(cls, name: str, replica, gpu_share: float = 0.0):
+def _deployment(cls, name: str, replica, gpu_share: float = 0.0, **extra):
     return serve.deployment(cls, name=name).options(
         num_replicas=replica.num_replicas,
         max_ongoing_requests=replica.max_ongoing_requests,
         max_queued_requests=replica.max_queued_requests,
         health_check_period_s=replica.health_check_period_s,
         ray_actor_options=actor_options(replica, gpu_share),
+        **extra,
     )
 
 
@@ -65,12 +68,14 @@ def build_app(args: dict | AppConfig | None = None) -> Application:
     if not ray.is_initialized():
         ray.init()
     store = get_or_create_store(config.adapter_store_dir, config.model_dir, config.engine.max_lora_rank,
-                                config.adapter_retention)
+                                config.adapter_retention, config.adapter_ack_timeout_s, config.learn_job_ttl_s)
     shares = gpu_shares(config, _cluster_gpus())
     pre = _deployment(Preprocessor, "Preprocessor", config.preprocessor).bind(config)
     vis = _deployment(VisionEncoderDeployment, "VisionEncoder", config.vision_encoder,
                       shares["vision_encoder"]).bind(config)
-    dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"]).bind(config, store)
+    dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"],
+                      request_router_config=RequestRouterConfig(request_router_class=AdapterAffinityRouter)
+                      ).bind(config, store)
     trainer = _deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1}),
                           shares["trainer"]).bind(config, store)
     return _deployment(Ingress, "Ingress", config.ingress).bind(config, pre, vis, dec, trainer, store)
