@@ -46,12 +46,15 @@ class PublishTimeoutError(TimeoutError):
     """Some replicas holding the adapter did not confirm the new version in time (HTTP 504)."""
 
     def __init__(self, name: str, version: int | None, lagging: list[str], timeout_s: float):
-        self.name, self.version, self.lagging = name, version, lagging
+        self.name, self.version, self.lagging, self.timeout_s = name, version, lagging, timeout_s
         what = f"version {version} of adapter {name!r}" if version is not None else f"the deletion of {name!r}"
         super().__init__(
             f"{what} was stored, but Decoder replicas {', '.join(lagging)} did not confirm it within "
             f"{timeout_s:g} s, so they may still serve an older version; retry with the same Idempotency-Key "
             "to wait again (no second version is made)")
+
+    def __reduce__(self):  # travels inside Ray's error wrapper to the Ingress
+        return PublishTimeoutError, (self.name, self.version, self.lagging, self.timeout_s)
 
 
 class StoreConfigError(ValueError):

@@ -49,6 +49,7 @@ class AdapterSync:
         self.last_contact = time.monotonic()  # the store last answered (health: "store reachable")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._acks_paused_until = 0.0  # fault drill: no acknowledgement before this monotonic time
 
     # -- the engine (the narrow interface: install / drop a host copy by name and version) --------
     def _fetch(self, name: str) -> Fetched:
@@ -97,6 +98,9 @@ class AdapterSync:
         """Seconds since the store last answered this replica."""
         return time.monotonic() - self.last_contact
 
+    def pause_acks(self, seconds: float) -> None:
+        self._acks_paused_until = time.monotonic() + seconds
+
     def apply(self, reply: dict) -> None:
         """Apply one long-poll answer to the held copies, then acknowledge its sequence."""
         if "snapshot" in reply:
@@ -110,6 +114,8 @@ class AdapterSync:
         self.seq = reply["seq"]
         self.epoch = reply["epoch"]
         self.metrics.record_versions(self.residency.versions(), self.seq)
+        while time.monotonic() < self._acks_paused_until and not self._stop.is_set():
+            time.sleep(0.05)
         ray.get(self.store.ack.remote(self.replica_id, self.seq, self.residency.take_released()))
         self.last_contact = time.monotonic()
 

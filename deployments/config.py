@@ -114,8 +114,8 @@ class AppConfig(_Strict):
                            "to 127.0.0.1 (the tiny local serve_config.yaml)")
     adapter_store_dir: str = Field("adapter_store", description="where the AdapterStore persists adapters")
     adapter_retention: int = Field(5, ge=1, description="versions kept per adapter (the current one always)")
-    adapter_cache_mb: int = Field(
-        1024, ge=1, description="host copies of adapters per Decoder replica (fetched from the store on first use, "
+    adapter_cache_mb: float = Field(
+        1024, gt=0, description="host copies of adapters per Decoder replica (fetched from the store on first use, "
                                 "least recently used dropped first); the engine's slots are max_loras")
     adapter_ack_timeout_s: float = Field(
         60.0, gt=0, description="a publish (load, learn, rollback, delete) waits this long for the Decoder replicas "

@@ -63,7 +63,8 @@ class Decoder:
         self.metrics = DecoderMetrics(config.model_name)
         self.sync = None
         if store is not None:  # a replica that starts (or restarts) catches up before serving
-            self.sync = AdapterSync(store, self.engine, self.replica_id, config.adapter_cache_mb * 2**20, self.metrics)
+            self.sync = AdapterSync(store, self.engine, self.replica_id, int(config.adapter_cache_mb * 2**20),
+                                    self.metrics)
             self.sync.catch_up()
             self.sync.start()
         self._pushed_held: list[str] | None = None  # adapters last reported to the router
@@ -78,6 +79,7 @@ class Decoder:
                 self.metrics.record_engine(self.engine.call(self._engine_state).result(timeout=30))
                 if self.sync is not None:
                     self.metrics.record_residency(self._residency_stats())
+                    self.metrics.record_versions(self.sync.residency.versions(), self.sync.seq)
                     held = sorted(self.sync.residency.versions())
                     if held != self._pushed_held and push_held_adapters(held):
                         self._pushed_held = held
@@ -255,6 +257,16 @@ class Decoder:
         """Fault drill (reachable through a Serve handle only, never over HTTP): the engine thread
         raises before its next step, as a bug would. Returns this replica's id."""
         self.engine.inject_fault(RuntimeError(message))
+        return self.replica_id
+
+    async def pause_adapter_sync_drill(self, seconds: float, hold: str | None = None) -> str:
+        """Fault drill (reachable through a Serve handle only, never over HTTP): this replica first takes a
+        host copy of adapter `hold`, then acknowledges no store change for `seconds`, as a wedged replica
+        would. Returns this replica's id."""
+        if hold is not None:
+            await asyncio.to_thread(self.sync.residency.acquire, hold)
+            self.sync.residency.release(hold)
+        self.sync.pause_acks(seconds)
         return self.replica_id
 
     async def crash_process_drill(self, delay_s: float = 0.2) -> str:

@@ -19,6 +19,7 @@ by bytes, refreshes on publish and pins models of running requests (adapters/res
 from __future__ import annotations
 
 import logging
+import random
 from typing import List, Optional
 
 from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
@@ -42,13 +43,16 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
 
 
 def rank_by_affinity(replicas: list, model: str, load, spill_slack: int = 2, spill_ratio: float = 0.5) -> list[list]:
-    """The ranking above, on anything with `multiplexed_model_ids` (pure, for unit tests)."""
+    """The ranking above, on anything with `multiplexed_model_ids` (pure, for unit tests). Within a
+    rank Serve takes the least loaded replica, the first one on a tie: each rank is shuffled so ties
+    spread."""
+    replicas = random.sample(list(replicas), len(replicas))
     if not model or len(replicas) <= 1:
-        return [list(replicas)]
+        return [replicas]
     holders = [r for r in replicas if model in r.multiplexed_model_ids]
     others = [r for r in replicas if model not in r.multiplexed_model_ids]
     if not holders or not others:
-        return [list(replicas)]
+        return [replicas]
     loads = {id(r): load(r) for r in replicas}
     mean = sum(loads.values()) / len(replicas)
     best_holder = min(loads[id(r)] for r in holders)
