@@ -38,6 +38,7 @@ class Fetched:
     version: int
     weights: Any
     token: str = ""  # the store's receipt for this holding, returned when the copy is dropped
+    held_elsewhere: bool = False  # another replica held it when this one fetched it (an affinity miss)
 
 
 @dataclass(slots=True)
@@ -51,7 +52,8 @@ class _Copy:
 @dataclass(slots=True)
 class ResidencyStats:
     hits: int = 0  # acquires that found a current host copy
-    misses: int = 0  # acquires that had to fetch (cold starts)
+    misses: int = 0  # acquires that had to fetch: affinity misses + cold starts
+    affinity_misses: int = 0  # ... while another replica held it (routing could have done better)
     fetches: int = 0
     fetch_seconds: list[float] = field(default_factory=list)  # drained by whoever exports them
     evictions: int = 0
@@ -79,6 +81,7 @@ class AdapterResidency:
         self._gone: set[str] = set()  # deleted in the store; dropped once unpinned
         self._loading: dict[str, threading.Event] = {}
         self._released: list[tuple[str, str]] = []  # (name, token) dropped since the last take_released
+        self._elsewhere: dict[str, bool] = {}  # name -> its last fetch found it held by another replica
         self._lock = threading.Condition()
 
     # -- requests ---------------------------------------------------------------------------
@@ -98,9 +101,14 @@ class AdapterResidency:
     def acquire(self, name: str) -> int:
         """Pin `name`'s host copy, fetching it first if it is missing or stale; returns its version.
         Raises UnknownAdapterError (deleted or unknown), AdapterCacheFullError."""
+        return self.acquire_kind(name)[0]
+
+    def acquire_kind(self, name: str) -> tuple[int, str]:
+        """`acquire`, also saying how the copy was found: "hit" (held here), "miss" (fetched while
+        another replica held it: an affinity miss) or "cold" (held by no replica)."""
         v = self.try_acquire(name)
         if v is not None:
-            return v
+            return v, "hit"
         counted = False
         while True:
             with self._lock:
@@ -114,7 +122,11 @@ class AdapterResidency:
                         self.copies.move_to_end(name)
                         if not counted:
                             self.stats.hits += 1
-                        return c.version
+                            return c.version, "hit"
+                        kind = "miss" if self._elsewhere.get(name) else "cold"
+                        if kind == "miss":
+                            self.stats.affinity_misses += 1
+                        return c.version, kind
                     loading = self._loading[name] = threading.Event()
                     mine = True
                 else:
@@ -239,6 +251,7 @@ class AdapterResidency:
                     if old.token != got.token:
                         self._released.append((name, old.token))
                 self.copies[name] = _Copy(got.version, size, got.token, pins)
+                self._elsewhere[name] = got.held_elsewhere
                 self._floor[name] = max(self._floor.get(name, 0), got.version)
                 return
 
@@ -261,6 +274,7 @@ class AdapterResidency:
 
     def _remove(self, name: str) -> None:
         c = self.copies.pop(name)
+        self._elsewhere.pop(name, None)
         self.bytes -= c.nbytes
         self._drop(name)
         if c.token:

@@ -262,12 +262,13 @@ class AdapterStoreActor:
     async def fetch(self, replica_id: str, actor_name: str | None, name: str) -> dict:
         """A replica's on-demand fetch of `name`'s current version; records that it holds it from now on.
 
-        Returns {"version", "token" (to release it with), "ref": [weights ref]}; AdapterNotFoundError
-        for an unknown adapter."""
+        Returns {"version", "token" (to release it with), "ref": [weights ref], "held_elsewhere": whether
+        another replica held it (an affinity miss)}; AdapterNotFoundError for an unknown adapter."""
         info = self.registry.current(name)
+        elsewhere = any(r != replica_id for r in self.replicas.holders(name))
         token = self.replicas.fetched(replica_id, actor_name, name)
         ref = await self.get_weights(name, info.version)
-        return {"version": info.version, "token": token, "ref": ref}
+        return {"version": info.version, "token": token, "ref": ref, "held_elsewhere": elsewhere}
 
     # -- replicas ---------------------------------------------------------------------------
     async def register_replica(self, replica_id: str, actor_name: str | None, holds: dict[str, str]) -> int:

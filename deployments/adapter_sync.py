@@ -59,7 +59,7 @@ class AdapterSync:
             if isinstance(e.cause, (AdapterNotFoundError, AdapterNameError)):  # the model does not exist: 404
                 raise UnknownAdapterError(name) from None
             raise
-        return Fetched(got["version"], ray.get(got["ref"][0]), got["token"])
+        return Fetched(got["version"], ray.get(got["ref"][0]), got["token"], got["held_elsewhere"])
 
     def _install(self, name: str, version: int, weights) -> None:
         t0 = time.perf_counter()

@@ -81,18 +81,25 @@ def build_app(args: dict | AppConfig | None = None) -> Application:
     return _deployment(Ingress, "Ingress", config.ingress).bind(config, pre, vis, dec, trainer, store)
 
 
-def decoder_stats(app: str = "vlora", replicas: int = 2, tries: int = 100) -> dict[str, dict]:
+def decoder_stats(app: str = "vlora", replicas: int = 2, tries: int = 100, timeout_s: float = 30.0) -> dict[str, dict]:
     """Stats of every Decoder replica of `app`, keyed by replica id (for tests, benchmarks, operators).
 
-    Serve routes each call to a random replica, so this calls until every replica has answered.
+    Serve routes each call to the least loaded replica it knows of (queue lengths it caches for up
+    to 10 s, ties broken at random), so this calls until every replica has answered, pausing
+    between calls once quick ones keep reaching the same replicas.
     """
+    import time
+
     h = serve.get_deployment_handle("Decoder", app_name=app)
     seen: dict[str, dict] = {}
-    for _ in range(tries):
+    deadline = time.monotonic() + timeout_s
+    for i in range(10**6):
         s = h.stats.remote().result()
         seen[s["replica_id"]] = s
-        if len(seen) >= replicas:
+        if len(seen) >= replicas or (i >= tries and time.monotonic() > deadline):
             break
+        if i >= 20:
+            time.sleep(0.25)
     if len(seen) < replicas:
         raise RuntimeError(f"saw {len(seen)} of {replicas} Decoder replicas of {app}")
     return seen

@@ -80,9 +80,7 @@ class Decoder:
                 if self.sync is not None:
                     self.metrics.record_residency(self._residency_stats())
                     self.metrics.record_versions(self.sync.residency.versions(), self.sync.seq)
-                    held = sorted(self.sync.residency.versions())
-                    if held != self._pushed_held and push_held_adapters(held):
-                        self._pushed_held = held
+                    self._push_held()
             except Exception:  # noqa: BLE001 - metrics must never take the replica down
                 if self._stop.is_set():
                     return
@@ -133,22 +131,31 @@ class Decoder:
         if self.sync is None:
             yield False
             return
-        res, pinned, cold = self.sync.residency, [], False
+        res, pinned, cold, kind = self.sync.residency, [], False, "hit"
         try:
             for name in dict.fromkeys(n for n in names if n is not None):
                 if res.try_acquire(name) is None:
                     t0 = time.perf_counter()
-                    await asyncio.to_thread(res.acquire, name)
+                    _, k = await asyncio.to_thread(res.acquire_kind, name)
+                    kind = k if kind == "hit" else kind
                     cold = True
                     self.metrics.cold_starts.inc(1, self.metrics.base)
                     self.metrics.fetch_wait.observe(time.perf_counter() - t0, self.metrics.base)
                 pinned.append(name)
             if pinned:
-                self.metrics.affinity.inc(1, {**self.metrics.base, "result": "miss" if cold else "hit"})
+                self.metrics.affinity.inc(1, {**self.metrics.base, "result": kind})
+            if cold:
+                self._push_held()  # at once: the next requests for it should find this replica
             yield cold
         finally:
             for name in pinned:
                 res.release(name)
+
+    def _push_held(self) -> None:
+        """Report the adapters held here to Serve's routers when the set changed (affinity routing)."""
+        held = sorted(self.sync.residency.versions())
+        if held != self._pushed_held and push_held_adapters(held):
+            self._pushed_held = held
 
     def _observe_cold_start(self, cold: bool, adapter: str | None, t0: float) -> None:
         if cold:
@@ -239,7 +246,7 @@ class Decoder:
         r = self.sync.residency
         st = r.stats
         return {"host_copies": r.versions(), "host_bytes": r.bytes, "budget_bytes": r.budget_bytes,
-                "hits": st.hits, "misses": st.misses, "fetches": st.fetches, "evictions": st.evictions,
+                "hits": st.hits, "misses": st.misses, "affinity_misses": st.affinity_misses, "fetches": st.fetches, "evictions": st.evictions,
                 "refreshes": st.refreshes}
 
     async def ready(self) -> bool:

@@ -202,15 +202,16 @@ class DecoderMetrics:
         self.host_evictions = _counter("adapter_host_evictions", "Host copies dropped for room (LRU)", M)
         self.cold_starts = _counter("adapter_cold_starts", "Requests whose adapter was fetched from the store "
                                     "first (not held by this replica)", M)
-        self.affinity = _counter("adapter_affinity", "Adapter requests by whether the replica held the adapter "
-                                 "on arrival (hit) or fetched it (miss)", M + ("result",))
+        self.affinity = _counter("adapter_affinity", "Adapter requests by where the adapter was on arrival: held "
+                                 "here (hit), held only by another replica (miss: fetched here too), held by no "
+                                 "replica (cold)", M + ("result",))
         self.fetch_wait = _histogram("adapter_fetch_latency_seconds", "A cold request's wait for its adapter: "
                                      "fetch from the store, make room, install", SWAP_BUCKETS, M)
         self.cold_ttft = _histogram("adapter_cold_start_ttft_seconds", "Decoder arrival -> first token of "
                                     "requests whose adapter was cold", TTFT_BUCKETS, M)
         for c in (self.preemptions, self.lora_slot_loads, self.sync_errors, self.host_evictions, self.cold_starts):
             c.zero(self.base)
-        for result in ("hit", "miss"):
+        for result in ("hit", "miss", "cold"):
             self.affinity.zero({**self.base, "result": result})
         self._seen = {"num_preemptions": 0, "lora_slot_loads": 0}
         self._versions: dict[str, int] = {}

@@ -10,7 +10,11 @@ Decoder's `request_router_config`) ranks replicas for each request:
   `spill_ratio` x the mean): then the others first, so X spreads to another replica. Serve's own
   multiplex routing keeps sending a hot model to the replica that has it until that replica's
   queue is full (ray-project/ray#65691); here load decides before the queue fills.
-* X held nowhere, and base-model requests: every replica, least loaded first.
+* X held nowhere: its home replica first (rendezvous hashing of X over the replica ids, the same in
+  every router), under the same load guard. Concurrent first requests for X then meet on one
+  replica instead of fetching X twice, and X comes back to the same replica after an eviction,
+  so the replicas' host copies partition the adapters rather than duplicate them.
+* Base-model requests: every replica, least loaded first.
 
 Why not `@serve.multiplexed`: it owns loading and an LRU by model count; our residency is bounded
 by bytes, refreshes on publish and pins models of running requests (adapters/residency.py).
@@ -18,6 +22,7 @@ by bytes, refreshes on publish and pins models of running requests (adapters/res
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from typing import List, Optional
@@ -28,7 +33,7 @@ log = logging.getLogger("ray.serve.vlora.routing")
 
 
 class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
-    def initialize_state(self, spill_slack: int = 2, spill_ratio: float = 0.5, **kwargs) -> None:
+    def initialize_state(self, spill_slack: int = 4, spill_ratio: float = 1.0, **kwargs) -> None:
         self.spill_slack = spill_slack
         self.spill_ratio = spill_ratio
 
@@ -38,11 +43,11 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
         model = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
-        return rank_by_affinity(candidate_replicas, model, self._load, getattr(self, "spill_slack", 2),
-                                getattr(self, "spill_ratio", 0.5))
+        return rank_by_affinity(candidate_replicas, model, self._load, getattr(self, "spill_slack", 4),
+                                getattr(self, "spill_ratio", 1.0))
 
 
-def rank_by_affinity(replicas: list, model: str, load, spill_slack: int = 2, spill_ratio: float = 0.5) -> list[list]:
+def rank_by_affinity(replicas: list, model: str, load, spill_slack: int = 4, spill_ratio: float = 1.0) -> list[list]:
     """The ranking above, on anything with `multiplexed_model_ids` (pure, for unit tests). Within a
     rank Serve takes the least loaded replica, the first one on a tie: each rank is shuffled so ties
     spread."""
@@ -51,8 +56,11 @@ def rank_by_affinity(replicas: list, model: str, load, spill_slack: int = 2, spi
         return [replicas]
     holders = [r for r in replicas if model in r.multiplexed_model_ids]
     others = [r for r in replicas if model not in r.multiplexed_model_ids]
-    if not holders or not others:
+    if not others:
         return [replicas]
+    if not holders:  # cold: the home replica is the preferred "holder"
+        home = max(replicas, key=lambda r: _score(model, r))
+        holders, others = [home], [r for r in replicas if r is not home]
     loads = {id(r): load(r) for r in replicas}
     mean = sum(loads.values()) / len(replicas)
     best_holder = min(loads[id(r)] for r in holders)
@@ -60,6 +68,12 @@ def rank_by_affinity(replicas: list, model: str, load, spill_slack: int = 2, spi
     if best_holder > best_other + max(spill_slack, spill_ratio * mean):
         return [others, holders]
     return [holders, others]
+
+
+def _score(model: str, replica) -> int:
+    rid = getattr(replica, "replica_id", None)
+    key = getattr(rid, "unique_id", None) or getattr(replica, "name", None) or str(rid)
+    return int.from_bytes(hashlib.blake2b(f"{model}|{key}".encode(), digest_size=8).digest(), "big")
 
 
 def push_held_adapters(names: list[str]) -> bool:

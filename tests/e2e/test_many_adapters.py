@@ -28,6 +28,7 @@ from engine.lora import LoRAWeights
 from engine.model import TextConfig
 from tests.e2e.conftest import ACK_TIMEOUT_S, ADMIN_KEY, API_KEY, FLEET_ADAPTER_BYTES
 from tests.e2e.test_adapters import assert_served_like_hf_peft
+from tests.e2e.test_metrics import per_replica, scrape
 
 pytestmark = pytest.mark.e2e
 
@@ -123,13 +124,13 @@ def test_thousand_adapters_lazy_residency_affinity_and_balance(fleet, base_url, 
     budget = {r: s["budget_bytes"] for r, s in before.items()}
     assert all(b // FLEET_ADAPTER_BYTES == 32 for b in budget.values())
     load = Load(base_url)
-    peak: dict[str, int] = {r: 0 for r in before}
+    peak: dict[str, float] = {}
     stop = threading.Event()
 
-    def watch():  # the host copies of each replica, sampled during the load
+    def watch():  # each replica's exported host-copy bytes, sampled during the load
         while not stop.is_set():
-            for r, s in residency().items():
-                peak[r] = max(peak.get(r, 0), s["host_bytes"])
+            for r, v in per_replica(scrape(serve_instance["metrics_url"]), "ray_vlora_adapter_host_bytes").items():
+                peak[r] = max(peak.get(r, 0), v)
             time.sleep(0.3)
 
     watcher = threading.Thread(target=watch)
@@ -147,14 +148,17 @@ def test_thousand_adapters_lazy_residency_affinity_and_balance(fleet, base_url, 
     assert all(v == 1 for _, _, _, v, _ in results)
     assert len({r[1] for r in results}) >= 30  # the traffic really spread over many adapters
     # host copies stay within each replica's budget (sampled during the load, and at the end)
+    assert len(peak) == 2 and max(peak.values()) <= min(budget.values()), (peak, budget)
     for r in after:
-        assert after[r]["host_bytes"] <= budget[r] and peak.get(r, 0) <= budget[r], (r, after[r], peak)
+        assert after[r]["host_bytes"] <= budget[r], (r, after[r])
         assert len(after[r]["host_copies"]) <= 32
-    # affinity: after warm-up, >= 80% of adapter requests found their adapter on the replica they reached
-    hits = sum(after[r]["hits"] - mid[r]["hits"] for r in after)
-    misses = sum(after[r]["misses"] - mid[r]["misses"] for r in after)
-    assert hits + misses == 350
-    assert hits / (hits + misses) >= 0.8, (hits, misses)
+    # affinity: after warm-up, >= 80% of the requests whose adapter some replica held reached a holder
+    # (cold starts, adapters held by no replica, are neither); the host-copy hit ratio is reported too
+    delta = {k: sum(after[r][k] - mid[r][k] for r in after) for k in ("hits", "misses", "affinity_misses")}
+    assert delta["hits"] + delta["misses"] == 350
+    affinity = delta["hits"] / (delta["hits"] + delta["affinity_misses"])
+    print(f"affinity {affinity:.3f}, held on arrival {delta['hits'] / 350:.3f}, {delta}, served {Counter(r[4] for r in results)}")
+    assert affinity >= 0.8, delta
     # balance: no replica served more than 1.5x the mean
     served = Counter(r[4] for r in results)
     assert len(served) == 2 and max(served.values()) <= 1.5 * 500 / 2, served

@@ -180,3 +180,21 @@ def test_concurrent_cold_requests_fetch_once():
         t.join(5)
     assert out == [1, 1, 1, 1] and store.fetches == ["a"]
     assert res.copies["a"].pins == 4 and res.stats.misses == 4
+
+
+def test_acquire_says_hit_affinity_miss_or_cold():
+    store, engine, res = make()
+    store.current.update(a=1, b=1)
+    elsewhere = {"a": True}
+    fetch = store.fetch
+
+    def fetch_with_holders(name):
+        got = fetch(name)
+        got.held_elsewhere = elsewhere.get(name, False)
+        return got
+
+    res._fetch = fetch_with_holders
+    assert res.acquire_kind("a") == (1, "miss")  # another replica held it: the router missed
+    assert res.acquire_kind("b") == (1, "cold")  # nobody held it
+    assert res.acquire_kind("a") == (1, "hit")
+    assert (res.stats.hits, res.stats.misses, res.stats.affinity_misses) == (1, 2, 1)

@@ -193,9 +193,20 @@ def test_affinity_ranking_prefers_holders_until_they_are_loaded():
     load = {"a": 0, "b": 0}
     ranks = rank_by_affinity([a, b], "x", lambda r: load[r.name])
     assert ranks == [[a], [b]]
-    load["a"] = 3  # a holder 3 requests deeper than the other replica: the adapter spreads
+    load["a"] = 3  # a holder a little deeper than the other replica keeps its affinity
+    assert rank_by_affinity([a, b], "x", lambda r: load[r.name]) == [[a], [b]]
+    load["a"] = 5  # 5 requests deeper (past spill_slack 4): the adapter spreads
     assert rank_by_affinity([a, b], "x", lambda r: load[r.name]) == [[b], [a]]
-    for model in ("", "cold"):  # base, or held nowhere: every replica, ties broken at random
-        firsts = {rank_by_affinity([a, b], model, lambda r: 0)[0][0].name for _ in range(50)}
-        assert [sorted(r.name for r in rank) for rank in rank_by_affinity([a, b], model, lambda r: 0)] == [["a", "b"]]
-        assert firsts == {"a", "b"}
+    # base: every replica, ties broken at random
+    firsts = {rank_by_affinity([a, b], "", lambda r: 0)[0][0].name for _ in range(50)}
+    assert [sorted(r.name for r in rank) for rank in rank_by_affinity([a, b], "", lambda r: 0)] == [["a", "b"]]
+    assert firsts == {"a", "b"}
+    # held nowhere: a fixed home replica per adapter (the same in every router), the adapters split between them
+    c = _replica("c", set())
+    homes = {m: rank_by_affinity([b, c], m, lambda r: 0)[0][0].name for m in (f"cold-{i}" for i in range(40))}
+    assert all(rank_by_affinity([c, b], m, lambda r: 0)[0][0].name == h for m, h in homes.items())
+    assert 10 <= sum(h == "b" for h in homes.values()) <= 30
+    home = homes["cold-0"]
+    load.update(b=0, c=0)
+    load[home] = 5  # a busy home: the cold adapter goes elsewhere
+    assert rank_by_affinity([b, c], "cold-0", lambda r: load[r.name])[0][0].name != home
