@@ -27,9 +27,11 @@ POLL_S = 5.0  # long-poll timeout (the store answers at once on a change)
 def _actor_name() -> str | None:
     """"namespace/name" of this replica's actor, so the store can tell a dead replica from a lagging one."""
     try:
-        ctx = ray.get_runtime_context()
-        name = ctx.get_actor_name()
-        return f"{ctx.namespace}/{name}" if name else None
+        from ray.serve._private.constants import SERVE_NAMESPACE
+
+        # NOTE: the runtime context's namespace is the job's; Serve names its replica actors in SERVE_NAMESPACE
+        name = ray.get_runtime_context().get_actor_name()
+        return f"{SERVE_NAMESPACE}/{name}" if name else None
     except Exception:  # noqa: BLE001 - not in an actor
         return None
 
