@@ -42,8 +42,9 @@ MAX_REFS = 64  # weights kept as Ray objects (LRU); dropped and deleted versions
 LIVENESS_CHECK_S = 2.0  # a replica silent this long while a publish waits on it is checked for being alive
 
 
-class PublishTimeoutError(TimeoutError):
-    """Some replicas holding the adapter did not confirm the new version in time (HTTP 504)."""
+class PublishTimeoutError(RuntimeError):
+    """Some replicas holding the adapter did not confirm the new version in time (HTTP 504). Not a
+    TimeoutError: callers treat those as "the store did not answer", which is not what happened."""
 
     def __init__(self, name: str, version: int | None, lagging: list[str], timeout_s: float):
         self.name, self.version, self.lagging, self.timeout_s = name, version, lagging, timeout_s
