@@ -272,17 +272,24 @@ class AdapterStoreActor:
         return {"version": info.version, "token": token, "ref": ref, "held_elsewhere": elsewhere}
 
     # -- replicas ---------------------------------------------------------------------------
-    async def register_replica(self, replica_id: str, actor_name: str | None, holds: dict[str, str]) -> int:
-        """A replica starting (or re-registering after a store restart); returns the current sequence."""
+    async def register_replica(self, replica_id: str, actor_name: str | None, holds: dict[str, str]) -> dict:
+        """A replica starting, or re-registering with its current holdings once it sees a restarted
+        store; returns {"seq", "epoch"}."""
+        state = self.replicas.register(replica_id, actor_name)
+        state.known = False
         self.replicas.register(replica_id, actor_name, holds)
-        return self.registry.seq
+        return {"seq": self.registry.seq, "epoch": self.replicas.epoch}
 
     async def wait_for_change(self, replica_id: str, actor_name: str | None, known_seq: int,
-                              holds: dict[str, str], timeout: float = 10.0) -> dict:
+                              holds: dict[str, str], timeout: float = 10.0, epoch: str | None = None) -> dict:
         """Long-poll: once the sequence passes `known_seq` (or after `timeout`) return
         {"seq", "epoch", "changes": [(seq, name, version or None = deleted)]} with the changes after
-        known_seq, or {"seq", "epoch", "snapshot": {name: version}} when they are no longer all known."""
-        self.replicas.register(replica_id, actor_name, holds)
+        known_seq, or {"seq", "epoch", "snapshot": {name: version}} when they are no longer all known.
+
+        `holds` counts only from a replica that knows this store instance (`epoch`): Ray re-sends a
+        call made to a store that died with its old arguments, whose holdings may be stale, so a
+        replica meeting a new epoch re-registers (`register_replica`) before it acknowledges."""
+        self.replicas.register(replica_id, actor_name, holds if epoch == self.replicas.epoch else None)
         deadline = time.monotonic() + timeout
         while self.registry.seq == known_seq and time.monotonic() < deadline:
             await self._wait(max(0.0, deadline - time.monotonic()))

@@ -81,8 +81,8 @@ class AdapterSync:
     # -- the store ----------------------------------------------------------------------------
     def catch_up(self) -> None:
         """Register with the store before serving (it then expects this replica's acks)."""
-        self.seq = ray.get(self.store.register_replica.remote(self.replica_id, self.actor_name,
-                                                              self.residency.held()))
+        reg = ray.get(self.store.register_replica.remote(self.replica_id, self.actor_name, self.residency.held()))
+        self.seq, self.epoch = reg["seq"], reg["epoch"]
         ray.get(self.store.ack.remote(self.replica_id, self.seq))
         self.metrics.record_versions({}, self.seq)
 
@@ -105,6 +105,8 @@ class AdapterSync:
 
     def apply(self, reply: dict) -> None:
         """Apply one long-poll answer to the held copies, then acknowledge its sequence."""
+        if reply["epoch"] != self.epoch:  # a restarted store: tell it what this replica holds now
+            ray.get(self.store.register_replica.remote(self.replica_id, self.actor_name, self.residency.held()))
         if "snapshot" in reply:
             self.residency.reset(reply["snapshot"])
         else:
@@ -125,7 +127,7 @@ class AdapterSync:
         while not self._stop.is_set():
             try:
                 reply = ray.get(self.store.wait_for_change.remote(self.replica_id, self.actor_name, self.seq,
-                                                                  self.residency.held(), POLL_S))
+                                                                  self.residency.held(), POLL_S, self.epoch))
                 self.last_contact = time.monotonic()
                 if reply["seq"] != self.seq or reply["epoch"] != self.epoch:
                     self.apply(reply)

@@ -39,9 +39,12 @@ def run(coro):
 
 async def replica_loop(store, rid: str, held: dict, stop: asyncio.Event, known: int = -1):
     """A well-behaved replica: long-polls and acks every change at once."""
-    seq = known
+    seq, epoch = known, None
     while not stop.is_set():
-        reply = await store.wait_for_change(rid, None, seq, held, timeout=0.05)
+        reply = await store.wait_for_change(rid, None, seq, held, timeout=0.05, epoch=epoch)
+        if reply["epoch"] != epoch:  # a store it has not registered with yet: report what it holds
+            await store.register_replica(rid, None, held)
+            epoch = reply["epoch"]
         seq = reply["seq"]
         await store.ack(rid, seq, [])
 
