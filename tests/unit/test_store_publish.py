@@ -121,6 +121,7 @@ def test_long_poll_returns_deltas_or_a_snapshot(tmp_path, tiny_model_dir):
         reply = await s2.wait_for_change("r", None, 1, {}, timeout=0.01)  # changes before it are unknown
         assert reply["snapshot"] == {"b": 1} and reply["epoch"] != s.replicas.epoch
         got = await s2.fetch("r", None, "b")
+        await s2.register_replica("r", None, {})  # the replica reports to the new store instance
         assert list(s2._refs) == [("b", 1)]
         await s2.ack("r", 3, [("b", got["token"])])
         await s2.delete("b")  # the store's Ray objects of deleted versions are released
