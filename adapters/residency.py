@@ -172,6 +172,18 @@ class AdapterResidency:
         try:
             self._load(name)
             self.stats.refreshes += 1
+        except UnknownAdapterError:  # deleted again before the refresh: its delete follows
+            with self._lock:
+                self._gone.add(name)
+                c = self.copies.get(name)
+                if c is not None and c.pins == 0:
+                    self._remove(name)
+        except Exception:
+            with self._lock:  # an unpinned stale copy can just go (fetched again on demand); else retry
+                c = self.copies.get(name)
+                if c is None or c.pins > 0:
+                    raise
+                self._remove(name)
         finally:
             with self._lock:
                 del self._loading[name]

@@ -198,3 +198,15 @@ def test_acquire_says_hit_affinity_miss_or_cold():
     assert res.acquire_kind("b") == (1, "cold")  # nobody held it
     assert res.acquire_kind("a") == (1, "hit")
     assert (res.stats.hits, res.stats.misses, res.stats.affinity_misses) == (1, 2, 1)
+
+
+def test_a_refresh_of_an_adapter_deleted_meanwhile_drops_it():
+    store, engine, res = make()
+    store.current["a"] = 1
+    res.acquire("a")
+    res.release("a")
+    del store.current["a"]  # v2 published, then deleted, before this replica applied v2
+    res.published("a", 2)
+    assert engine.loaded == {} and res.versions() == {}
+    with pytest.raises(UnknownAdapterError):
+        res.acquire("a")
