@@ -65,8 +65,10 @@ NAME_RULE = ("an adapter name must be 1-64 characters from A-Z a-z 0-9 . _ -, st
              "or digit (pattern ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$)")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+MAX_IDEMPOTENCY_KEYS = 4096  # the newest keys kept in the manifest (a retry comes within minutes)
 ORIGINS = ("loaded", "learned", "rollback")
 _RESERVED_NAMES = frozenset({MANIFEST_NAME})
+NO_CHECK = -1  # `expect_current` default: publish whatever the current version is
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
 _TEMP_DIR = re.compile(r"^\.v[1-9][0-9]*-")
 log = logging.getLogger(__name__)
@@ -94,6 +96,11 @@ class AdapterNotFoundError(KeyError):
 
 class AdapterCorruptError(ValueError):
     """A stored version's files do not match the manifest (checksum mismatch, missing or unreadable)."""
+
+
+class AdapterConflictError(ValueError):
+    """A conditional publish whose condition no longer holds (the adapter changed or was deleted
+    meanwhile), or an idempotency key reused for a different request: HTTP 409."""
 
 
 def validate_adapter_name(name: str) -> str:
@@ -299,9 +306,18 @@ class AdapterRegistry:
 
     def publish(self, name: str, weights: LoRAWeights, lora_alpha: float, use_rslora: bool = False,
                 origin: str = "learned", parent_version: int | None = None, source: str | None = None,
-                metrics: dict | None = None) -> VersionInfo:
-        """Store `weights` as the next version of `name` (creating the adapter if new) and make it current."""
+                metrics: dict | None = None, expect_current: int | None = NO_CHECK,
+                idempotency_key: str | None = None) -> VersionInfo:
+        """Store `weights` as the next version of `name` (creating the adapter if new) and make it current.
+
+        `expect_current` (compare-and-set): the version that must be current, None = the adapter must
+        not exist; otherwise AdapterConflictError and nothing is written. A repeated `idempotency_key`
+        returns the version its first call made instead of making another."""
         validate_adapter_name(name)
+        with self._lock:
+            done = self._replay(idempotency_key, "publish", name)
+            if done is not None:
+                return done
         if origin not in ORIGINS:
             raise ValueError(f"origin must be one of {ORIGINS}, got {origin!r}")
         metrics = {} if metrics is None else metrics
@@ -316,22 +332,66 @@ class AdapterRegistry:
         if self.validate is not None:
             self.validate(weights)  # its exception propagates unchanged; nothing written yet
         with self._lock:
+            done = self._replay(idempotency_key, "publish", name)
+            if done is not None:
+                return done
+            self._check_current(name, expect_current)
             return self._publish_locked(name, weights, float(lora_alpha), use_rslora, origin, parent_version,
-                                        None if source is None else str(source), metrics)
+                                        None if source is None else str(source), metrics, idempotency_key)
+
+    def publish_many(self, items: list[dict]) -> list[VersionInfo]:
+        """Publish several adapters with one manifest write (bulk registration): each item holds
+        `name`, `weights`, `lora_alpha` and optionally `use_rslora`, `origin`, `source`. All are
+        checked before anything is written; a failure writes none of them."""
+        prepared = []
+        for it in items:
+            name = validate_adapter_name(it["name"])
+            use_rslora = bool(it.get("use_rslora", False))
+            _check_weights(it["weights"], it["lora_alpha"], use_rslora)
+            if self.validate is not None:
+                self.validate(it["weights"])
+            prepared.append((name, it["weights"], float(it["lora_alpha"]), use_rslora, it.get("origin", "loaded"),
+                             it.get("source")))
+        if len({p[0] for p in prepared}) != len(prepared):
+            raise ValueError("publish_many takes each adapter name once")
+        with self._lock:
+            new = copy.deepcopy(self._manifest)
+            written, out = [], []
+            try:
+                for name, weights, alpha, rslora, origin, source in prepared:
+                    info, _, dropped, created = self._write_version(new, name, weights, alpha, rslora, origin, None,
+                                                                    source, {})
+                    written.append((name, info.version, dropped, created))
+                    out.append(info)
+                self._write_manifest(new)
+            except BaseException:
+                for name, version, _, created in written:
+                    self._discard_partial(self.root / name, version, created)
+                raise
+            self._manifest = new
+            for name, _, dropped, _ in written:
+                for v in dropped:
+                    _rmtree(self.root / name / f"v{v}")
+            _fsync_dir(self.root)
+            return out
 
     def load_folder(self, name: str, folder: str | os.PathLike, allowed_dirs: list[str] | None = None,
-                    max_file_bytes: int = 2 * 2**30) -> VersionInfo:
+                    max_file_bytes: int = 2 * 2**30, idempotency_key: str | None = None) -> VersionInfo:
         """Publish a PEFT adapter folder as the next version of `name` (origin "loaded", source = folder).
 
         The folder must lie inside `allowed_dirs` (when given); its files are read without following
         symlinks and at most `max_file_bytes` each (AdapterPathError). Raises AdapterFormatError
         (from peft_io) for a folder that is not a servable PEFT LoRA."""
         validate_adapter_name(name)
+        with self._lock:
+            done = self._replay(idempotency_key, "publish", name)
+            if done is not None:
+                return done
         files = read_files(str(folder), (CONFIG_NAME, WEIGHTS_NAME), max_file_bytes, allowed_dirs)
-        return self.load_files(name, files, str(folder))
+        return self.load_files(name, files, str(folder), idempotency_key=idempotency_key)
 
     def load_files(self, name: str, files: dict[str, bytes | None], source: str,
-                   unless_current: bool = False) -> VersionInfo:
+                   unless_current: bool = False, idempotency_key: str | None = None) -> VersionInfo:
         """Publish a PEFT adapter from its files' contents (read by `adapters.folders.read_files`).
         With `unless_current`, an adapter whose current version holds the same weights, alpha and
         rslora flag is left as it is (start-up registration: a restart publishes nothing new)."""
@@ -342,12 +402,16 @@ class AdapterRegistry:
             info, current = self.weights(name)
             if info.lora_alpha == alpha and info.use_rslora == rslora and _same_weights(current, lw):
                 return info
-        return self.publish(name, lw, lora_alpha=alpha, use_rslora=rslora, origin="loaded", source=source)
+        return self.publish(name, lw, lora_alpha=alpha, use_rslora=rslora, origin="loaded", source=source,
+                            idempotency_key=idempotency_key)
 
-    def rollback(self, name: str, to_version: int | None = None) -> VersionInfo:
+    def rollback(self, name: str, to_version: int | None = None, idempotency_key: str | None = None) -> VersionInfo:
         """Publish a new version N+1 holding a copy of `to_version` (default: the retained version
         before the current one); origin "rollback", parent_version = to_version."""
         with self._lock:
+            done = self._replay(idempotency_key, "publish", name)
+            if done is not None:
+                return done
             entry = self._entry(name)
             cur = entry["current"]
             if to_version is None:
@@ -358,16 +422,20 @@ class AdapterRegistry:
                 to_version = max(earlier)
             old, lw = self.weights(name, to_version)
             return self.publish(name, lw, lora_alpha=old.lora_alpha, use_rslora=old.use_rslora, origin="rollback",
-                                parent_version=old.version, source=old.source, metrics=old.metrics)
+                                parent_version=old.version, source=old.source, metrics=old.metrics,
+                                idempotency_key=idempotency_key)
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, idempotency_key: str | None = None) -> None:
         """Remove the adapter: manifest entry first, then its files. Its version numbers are not reused."""
         with self._lock:
+            if self._replay(idempotency_key, "delete", name) is not None:
+                return
             entry = self._entry(name)
             new = copy.deepcopy(self._manifest)
             del new["adapters"][name]
             new["retired"][name] = entry["next_version"]
             new["seq"] += 1
+            self._remember(new, idempotency_key, "delete", name, None)
             self._write_manifest(new)
             self._manifest = new
             _rmtree(self.root / name)
@@ -393,13 +461,58 @@ class AdapterRegistry:
                                        f"adapter {name!r} has no version {version!r}{why}; retained versions: {kept}")
         return VersionInfo.from_dict(d)
 
-    def _publish_locked(self, name, weights, lora_alpha, use_rslora, origin, parent_version, source, metrics):
-        adapters = self._manifest["adapters"]
-        entry = adapters.get(name)
-        if entry is not None:
-            version = entry["next_version"]
-        else:
-            version = self._manifest["retired"].get(name, 1)
+    def _check_current(self, name: str, expect: int | None) -> None:
+        if expect == NO_CHECK:
+            return
+        entry = self._manifest["adapters"].get(name)
+        current = None if entry is None else entry["current"]
+        if current == expect:
+            return
+        if expect is None:
+            raise AdapterConflictError(f"adapter {name!r} was created meanwhile (now v{current}); "
+                                       "nothing was published: learn again to continue from it")
+        if current is None:
+            raise AdapterConflictError(f"adapter {name!r} was deleted meanwhile (this change started from "
+                                       f"v{expect}); nothing was published")
+        raise AdapterConflictError(f"adapter {name!r} changed meanwhile: this change started from v{expect} but "
+                                   f"v{current} is current now (a load, rollback or learn published it); nothing "
+                                   "was published: retry to build on the current version")
+
+    def _replay(self, key: str | None, op: str, name: str) -> VersionInfo | dict | None:
+        """What an earlier call with idempotency `key` did, or None if the key is new."""
+        if key is None:
+            return None
+        done = self._manifest["idempotency"].get(key)
+        if done is None:
+            return None
+        if done["op"] != op or done["name"] != name:
+            raise AdapterConflictError(f"idempotency key {key!r} was already used for a {done['op']} of adapter "
+                                       f"{done['name']!r}; send a new key for a different request")
+        if op == "delete":
+            return {"name": name, "deleted": True}
+        entry = self._manifest["adapters"].get(name)
+        d = entry["versions"].get(str(done["version"])) if entry is not None else None
+        if d is None:  # that version was since dropped by retention or deleted
+            raise AdapterConflictError(f"idempotency key {key!r} already made version {done['version']} of "
+                                       f"{name!r}, which is no longer retained")
+        return VersionInfo.from_dict(d)
+
+    @staticmethod
+    def _remember(manifest: dict, key: str | None, op: str, name: str, version: int | None) -> None:
+        if key is None:
+            return
+        keys = manifest["idempotency"]
+        keys[key] = {"op": op, "name": name, "version": version, "seq": manifest["seq"]}
+        while len(keys) > MAX_IDEMPOTENCY_KEYS:
+            del keys[min(keys, key=lambda k: keys[k]["seq"])]
+
+    def _write_version(self, new: dict, name, weights, lora_alpha, use_rslora, origin, parent_version, source,
+                       metrics) -> tuple[VersionInfo, Path, list[int], bool]:
+        """Write the next version's folder and enter it into `new` (a manifest copy); returns the info,
+        its folder, the versions retention drops (their folders are removed once `new` is written)
+        and whether the adapter's directory was created for it."""
+        entry = new["adapters"].get(name)
+        version = entry["next_version"] if entry is not None else new["retired"].get(name, 1)
         if parent_version is not None:
             parent_version = int(parent_version)
         name_dir = self.root / name
@@ -419,7 +532,6 @@ class AdapterRegistry:
             parent_version=parent_version, rank=weights.rank, lora_alpha=lora_alpha, use_rslora=use_rslora,
             target_modules=sorted({m for _, m in weights.weights}), source=source, metrics=metrics,
         )
-        new = copy.deepcopy(self._manifest)
         new_entry = new["adapters"].setdefault(name, {"current": version, "next_version": version, "versions": {}})
         new_entry["versions"][str(version)] = info.to_dict()
         new_entry["current"] = version
@@ -430,10 +542,19 @@ class AdapterRegistry:
         for v in dropped:
             del new_entry["versions"][str(v)]
         new["seq"] += 1
+        return info, vdir, dropped, created_dir
+
+    def _publish_locked(self, name, weights, lora_alpha, use_rslora, origin, parent_version, source, metrics,
+                        idempotency_key=None):
+        new = copy.deepcopy(self._manifest)
+        info, vdir, dropped, created_dir = self._write_version(new, name, weights, lora_alpha, use_rslora, origin,
+                                                               parent_version, source, metrics)
+        self._remember(new, idempotency_key, "publish", name, info.version)
+        name_dir = vdir.parent
         try:
             self._write_manifest(new)
         except BaseException:
-            self._discard_partial(name_dir, version, created_dir)
+            self._discard_partial(name_dir, info.version, created_dir)
             raise
         self._manifest = new
         for v in dropped:  # only after the manifest no longer names them
@@ -457,7 +578,7 @@ class AdapterRegistry:
     def _read_manifest(self) -> dict:
         path = self.manifest_path
         if not path.exists():
-            return {"format": MANIFEST_FORMAT, "seq": 0, "adapters": {}, "retired": {}}
+            return {"format": MANIFEST_FORMAT, "seq": 0, "adapters": {}, "retired": {}, "idempotency": {}}
         try:
             m = json.loads(path.read_text())
         except (OSError, ValueError) as e:
@@ -468,6 +589,7 @@ class AdapterRegistry:
                 f"registry manifest {path} has format {m.get('format') if isinstance(m, dict) else None!r}; "
                 f"this version reads format {MANIFEST_FORMAT}")
         m.setdefault("retired", {})
+        m.setdefault("idempotency", {})
         try:
             for name, entry in m["adapters"].items():
                 for d in entry["versions"].values():

@@ -23,6 +23,12 @@ it all down. Admin keys are off (the admin routes are open on the private instan
     steps=1 in a loop; and `POST /v1/adapters` re-loads in a loop, which costs no training).
     The conditions alternate, --load-repeats rounds, and the median round is reported. Swaps are
     the Decoders' `adapter_swaps` counters (slot rewrites) summed over both replicas.
+(d) many adapters, on a second app (2 Decoders, host copies for ~32 rank-2 adapters per replica):
+    publish-to-served of an adapter in use with 10 registered adapters, then with 1,000 (bulk
+    registration); TTFT p50 of adapters' first (cold: fetched from the store) requests vs the same
+    requests again (warm); output tokens/s of 1-adapter-per-request traffic over 100 adapters chosen
+    Zipf-like (s=1.2) vs the same requests on the base model, alternating rounds. `--only-many` runs
+    only (d).
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ import asyncio  # noqa: E402
 import httpx  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from adapters.peft_io import save_peft_adapter  # noqa: E402
 
 from bench.serve import (  # noqa: E402
     MODEL_NAME,
@@ -215,7 +223,8 @@ def publish_to_served(admin: Admin, url: str, name: str, peft_dir: Path, repeats
                 res, _ = admin.learn(name, 0) if mode.startswith("learn") else admin.load(name, peft_dir)
                 t1 = time.perf_counter()
                 v = res["version"]
-                seen = poll.wait_both(v, DECODERS)
+                # lazy residency + affinity routing: the adapter may live on one replica only
+                seen = poll.wait_both(v, len({rep for _, _, rep, _ in poll.records}) or 1)
             stale = sum(1 for sent, _, _, ver in poll.records if sent > t1 and ver < v)
             after = sum(1 for sent, _, _, _ in poll.records if sent > t1)
             poll_ms = statistics.median((got - sent) * 1e3 for sent, got, _, _ in poll.records)
@@ -362,6 +371,94 @@ def make_peft_adapters(model_dir: Path, load_dir: Path, names: list[str]) -> dic
     return {n: random_peft_adapter(hf, load_dir / n, seed=i, r=RANK, alpha=ALPHA) for i, n in enumerate(names)}
 
 
+# -- (d) many adapters: 1,000 registered vs 10, cold vs warm TTFT, 100 adapters vs base ----------------
+def register_many(cluster, app: str, start: int, n: int, rank: int = 2) -> None:
+    """Register n small random adapters `many-<i>` through the store's bulk path (one manifest write)."""
+    import ray
+
+    from adapters.store import get_store
+    from engine.config import LORA_TARGET_MODULES
+    from engine.lora import LoRAWeights
+    from engine.model import TextConfig
+
+    shapes = TextConfig.from_pretrained(cluster.model_dir).lora_module_shapes(LORA_TARGET_MODULES)
+    store = get_store(cluster.apps[app]["config"]["adapter_store_dir"])
+    for s in range(start, start + n, 250):
+        items = []
+        for i in range(s, min(start + n, s + 250)):
+            g = torch.Generator().manual_seed(i)
+            w = {k: (torch.randn(rank, a, generator=g) * 0.2, torch.randn(b, rank, generator=g) * 0.2)
+                 for k, (a, b) in shapes.items()}
+            items.append({"name": f"many-{i:04d}", "weights": LoRAWeights(rank, 1.0, w), "lora_alpha": float(rank)})
+        ray.get(store.publish_many.remote(items))
+
+
+def publish_served(admin: Admin, url: str, name: str, folder: Path, repeats: int) -> dict:
+    """Median call time and publish-to-served time (every replica that serves `name`) over `repeats` loads."""
+    calls, served = [], []
+    for _ in range(repeats):
+        with Poller(url, name) as poll:
+            time.sleep(0.1)
+            t0 = time.perf_counter()
+            res, _ = admin.load(name, folder)
+            t1 = time.perf_counter()
+            seen = poll.wait_both(res["version"], len({rep for _, _, rep, _ in poll.records}) or 1)
+        calls.append(t1 - t0)
+        served.append(max(seen.values()) - t0)
+    return {"call_ms": statistics.median(calls) * 1e3, "served_ms": statistics.median(served) * 1e3}
+
+
+def many_adapters(cluster, url: str, folder: Path, a) -> dict:
+    import random as _random
+
+    admin = Admin(url)
+    out: dict = {}
+    register_many(cluster, "many", 0, 10)
+    asyncio.run(http_load(url, sweep_config(2, 8, 1, 0.0, 224, seed=1), ["many-0000"]))  # resident somewhere
+    out["publish_10"] = publish_served(admin, url, "many-0000", folder, a.publish_repeats)
+    register_many(cluster, "many", 10, 990)
+    out["publish_1000"] = publish_served(admin, url, "many-0000", folder, a.publish_repeats)
+    # cold (never used) vs warm (the same adapters again) first-token latency, one request at a time
+    cold_names = [f"many-{i:04d}" for i in range(500, 500 + a.ttft_adapters)]
+    cold = asyncio.run(http_load(url, sweep_config(1, len(cold_names), 4, 0.0, 224, seed=2), cold_names))
+    warm = asyncio.run(http_load(url, sweep_config(1, len(cold_names), 4, 0.0, 224, seed=2), cold_names))
+    out["ttft_cold"], out["ttft_warm"] = cold["ttft_s"], warm["ttft_s"]
+    # throughput: 100 adapters chosen Zipf-like (s=1.2) vs the base model, same requests
+    rnd = _random.Random(0)
+    zipf = [f"many-{rnd.choices(range(100), [1 / k ** 1.2 for k in range(1, 101)])[0]:04d}"
+            for _ in range(a.requests)]
+    cfg = sweep_config(a.concurrency, a.requests, a.max_tokens, 0.0, 224, seed=3)
+    rounds = []
+    for _ in range(a.load_repeats):
+        base = asyncio.run(http_load(url, cfg, [MODEL_NAME]))
+        mixed = asyncio.run(http_load(url, cfg, zipf))
+        rounds.append((base["output_tokens_per_s"], mixed["output_tokens_per_s"], mixed["failures"]))
+    out["throughput_rounds"] = rounds
+    out["residency"] = {r: s["residency"] for r, s in decoder_stats("many", DECODERS).items()}
+    return out
+
+
+def print_many(m: dict) -> None:
+    print()
+    print(f"(d) many adapters on {DECODERS} Decoder replicas (lazy residency, affinity routing)")
+    p10, p1k = m["publish_10"], m["publish_1000"]
+    print(f"  publish-to-served (load a PEFT folder over an adapter in use): 10 registered: call {p10['call_ms']:.1f} ms, "
+          f"served {p10['served_ms']:.1f} ms; 1,000 registered: call {p1k['call_ms']:.1f} ms, served "
+          f"{p1k['served_ms']:.1f} ms; ratio 1,000/10 served {fmt(ratio(p1k['served_ms'], p10['served_ms']), '.2f', 4)}")
+    c, w = m["ttft_cold"]["p50"], m["ttft_warm"]["p50"]
+    print(f"  TTFT p50 of an adapter's first request (cold: fetched from the store) {c * 1e3:.1f} ms vs warm "
+          f"{w * 1e3:.1f} ms: ratio {fmt(ratio(c, w), '.2f', 4)}")
+    base = statistics.median(r[0] for r in m["throughput_rounds"])
+    mixed = statistics.median(r[1] for r in m["throughput_rounds"])
+    print(f"  output tokens/s, Zipf over 100 adapters {mixed:.1f} vs base {base:.1f}: ratio "
+          f"{fmt(ratio(mixed, base), '.2f', 4)} (median of {len(m['throughput_rounds'])} alternating rounds; "
+          f"failures {sum(r[2] for r in m['throughput_rounds'])})")
+    for r, s in m["residency"].items():
+        print(f"  replica {r}: {len(s['host_copies'])} host copies, {s['host_bytes']} of {s['budget_bytes']} bytes, "
+              f"hits {s['hits']}, misses {s['misses']} (affinity misses {s['affinity_misses']}), "
+              f"evictions {s['evictions']}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--learn-steps", default=None, help="step counts for (a) (default 1,10,50)")
@@ -374,6 +471,8 @@ def parse_args(argv=None):
     p.add_argument("--load-repeats", type=int, default=None, help="alternating rounds of (c) (default 3)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs given to ray.init (default: cores)")
     p.add_argument("--quick", action="store_true", help="fewer calls and rounds")
+    p.add_argument("--only-many", action="store_true", help="run only (d), the many-adapters figures")
+    p.add_argument("--ttft-adapters", type=int, default=10, help="cold adapters whose first request (d) times")
     p.add_argument("--json", help="also write the results as JSON here")
     a = p.parse_args(argv)
     q = a.quick
@@ -407,6 +506,14 @@ def main(argv=None) -> None:
         print(f"app /{APP}: {DECODERS} Decoder replicas, max_loras 8, every deployment 0.1 logical CPU; setup: tiny "
               f"model {cluster.model_s:.1f} s, ray+serve {cluster.ray_s:.1f} s, deploy {m['deploy_s']} s", flush=True)
         admin = Admin(url)
+        # (d) has its own app: 2 Decoders, host copies for ~32 rank-2 adapters per replica
+        many_url = cluster.deploy("many", decoders=DECODERS, load_dir=load_dir, adapter_cache_mb=32 * 37376 / 2**20)
+        many_folder = load_dir / "many-probe"
+        save_peft_adapter(many_folder, make_rank2(cluster.model_dir), lora_alpha=2.0)
+        R["many"] = many_adapters(cluster, many_url, many_folder, a)
+        print_many(R["many"])
+        if a.only_many:
+            return _write(a, R)
 
         R["learn"] = learn_latency(admin, a.learn_steps, a.learn_repeats)
         print_learn(R["learn"])
@@ -431,9 +538,24 @@ def main(argv=None) -> None:
         R["decoder_stats"] = stats
         print(f"\nDecoder preemptions: {sum(s['num_preemptions'] for s in stats.values())}; load average at end "
               f"{[round(x, 2) for x in os.getloadavg()]}; total {time.perf_counter() - t_start:.0f} s")
+    _write(a, R)
+
+
+def _write(a, R: dict) -> None:
     if a.json:
         Path(a.json).write_text(json.dumps(R, indent=1, default=str))
         print(f"wrote {a.json}")
+
+
+def make_rank2(model_dir: Path):
+    from engine.config import LORA_TARGET_MODULES
+    from engine.lora import LoRAWeights
+    from engine.model import TextConfig
+
+    shapes = TextConfig.from_pretrained(model_dir).lora_module_shapes(LORA_TARGET_MODULES)
+    g = torch.Generator().manual_seed(12345)
+    return LoRAWeights(2, 1.0, {k: (torch.randn(2, i, generator=g) * 0.2, torch.randn(o, 2, generator=g) * 0.2)
+                                 for k, (i, o) in shapes.items()})
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import os
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from adapters.folders import is_remote, split_uri
 from deployments import limits
@@ -19,6 +20,7 @@ from deployments.decoder import Decoder
 from deployments.ingress import Ingress
 from deployments.placement import actor_options, gpu_shares
 from deployments.preprocessor import Preprocessor
+from deployments.routing import AdapterAffinityRouter
 from deployments.trainer import Trainer
 from deployments.vision_encoder import VisionEncoderDeployment
 
@@ -31,9 +33,11 @@ def _cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def _deployment(cls, name: str, replica, gpu_share: float = 0.0, tensor_parallel_size: int = 1):
-    """A Serve deployment with the replica config's options; `autoscaling_config` replaces num_replicas;
-    a tensor-parallel replica reserves one bundle per rank on one node."""
+def _deployment(cls, name: str, replica, gpu_share: float = 0.0, tensor_parallel_size: int = 1,
+                **options):
+    """A Serve deployment with the replica config's options (and Serve `options`, e.g. a request router);
+    `autoscaling_config` replaces num_replicas; a tensor-parallel replica reserves one bundle per rank on
+    one node."""
     scaling = ({"autoscaling_config": replica.autoscaling_config} if replica.autoscaling_config is not None
                else {"num_replicas": replica.num_replicas})
     opts = actor_options(replica, gpu_share, tensor_parallel_size)
@@ -48,6 +52,7 @@ def _deployment(cls, name: str, replica, gpu_share: float = 0.0, tensor_parallel
         health_check_period_s=replica.health_check_period_s,
         ray_actor_options=opts,
         **extra,
+        **options,
     )
 
 
@@ -107,32 +112,41 @@ def build_app(args: dict | AppConfig | None = None) -> Application:
     if not ray.is_initialized():
         ray.init()
     store = get_or_create_store(config.adapter_store_dir, config.model_dir, config.engine.max_lora_rank,
-                                config.adapter_retention)
+                                config.adapter_retention, config.adapter_ack_timeout_s, config.learn_job_ttl_s)
     register_startup_adapters(config, store)
     shares = gpu_shares(config, _cluster_gpus())
     pre = _deployment(Preprocessor, "Preprocessor", config.preprocessor).bind(config)
     vis = _deployment(VisionEncoderDeployment, "VisionEncoder", config.vision_encoder,
                       shares["vision_encoder"]).bind(config)
     dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"],
-                      config.engine.tensor_parallel_size).bind(config, store)
+                      config.engine.tensor_parallel_size,
+                      request_router_config=RequestRouterConfig(request_router_class=AdapterAffinityRouter)
+                      ).bind(config, store)
     trainer = (_deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1,
                                                                                "autoscaling_config": None}),
                            shares["trainer"]).bind(config, store) if config.learning else None)
     return _deployment(Ingress, "Ingress", config.ingress).bind(config, pre, vis, dec, trainer, store)
 
 
-def decoder_stats(app: str = "vlora", replicas: int = 2, tries: int = 100) -> dict[str, dict]:
+def decoder_stats(app: str = "vlora", replicas: int = 2, tries: int = 100, timeout_s: float = 30.0) -> dict[str, dict]:
     """Stats of every Decoder replica of `app`, keyed by replica id (for tests, benchmarks, operators).
 
-    Serve routes each call to a random replica, so this calls until every replica has answered.
+    Serve routes each call to the least loaded replica it knows of (queue lengths it caches for up
+    to 10 s, ties broken at random), so this calls until every replica has answered, pausing
+    between calls once quick ones keep reaching the same replicas.
     """
+    import time
+
     h = serve.get_deployment_handle("Decoder", app_name=app)
     seen: dict[str, dict] = {}
-    for _ in range(tries):
+    deadline = time.monotonic() + timeout_s
+    for i in range(10**6):
         s = h.stats.remote().result()
         seen[s["replica_id"]] = s
-        if len(seen) >= replicas:
+        if len(seen) >= replicas or (i >= tries and time.monotonic() > deadline):
             break
+        if i >= 20:
+            time.sleep(0.25)
     if len(seen) < replicas:
         raise RuntimeError(f"saw {len(seen)} of {replicas} Decoder replicas of {app}")
     return seen

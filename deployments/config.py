@@ -162,6 +162,13 @@ class AppConfig(_Strict):
                            "to 127.0.0.1 (the tiny local serve_config.yaml)")
     adapter_store_dir: str = Field("adapter_store", description="where the AdapterStore persists adapters")
     adapter_retention: int = Field(5, ge=1, description="versions kept per adapter (the current one always)")
+    adapter_cache_mb: float = Field(
+        1024, gt=0, description="host copies of adapters per Decoder replica (fetched from the store on first use, "
+                                "least recently used dropped first); the engine's slots are max_loras")
+    adapter_ack_timeout_s: float = Field(
+        60.0, gt=0, description="a publish (load, learn, rollback, delete) waits this long for the Decoder replicas "
+                                "holding the adapter to confirm, then answers 504 naming the ones behind")
+    learn_job_ttl_s: float = Field(3600.0, gt=0, description="finished learn jobs are kept this long (then 404)")
     adapter_load_dirs: list[str] = Field(
         default_factory=list, description="where POST /v1/adapters may load PEFT folders from: local directories "
                                           "and URI prefixes (s3://bucket/adapters, memory://x, ...)")

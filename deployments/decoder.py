@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import torch
 
@@ -15,6 +18,7 @@ from deployments.messages import EncodedRequest, PreparedRequest
 from deployments.metrics import DecoderMetrics, get_logger
 from deployments.openai_api import ApiError
 from deployments.placement import resolve_device_dtype
+from deployments.routing import push_held_adapters
 from deployments.tp_workers import TPWorkers
 from engine.config import EngineConfig
 from engine.engine import AsyncEngine, LLMEngine
@@ -30,6 +34,10 @@ STORE_SILENCE_S = 30.0  # /health: the store must have answered this replica's l
 
 def _embeds(req: EncodedRequest | PreparedRequest) -> torch.Tensor | None:
     return req.image_embeds if isinstance(req, EncodedRequest) else None
+
+
+def _teacher_adapter(optimal: OptimalSamplingParams | None) -> str | None:
+    return optimal.teacher if optimal is not None and optimal.teacher != "base" else None
 
 
 def _replica_id() -> str:
@@ -70,9 +78,11 @@ class Decoder:
         self.metrics = DecoderMetrics(config.model_name)
         self.sync = None
         if store is not None:  # a replica that starts (or restarts) catches up before serving
-            self.sync = AdapterSync(store, self.engine, self.replica_id, self.metrics)
+            self.sync = AdapterSync(store, self.engine, self.replica_id, int(config.adapter_cache_mb * 2**20),
+                                    self.metrics)
             self.sync.catch_up()
             self.sync.start()
+        self._pushed_held: list[str] | None = None  # adapters last reported to the router
         self._stop = threading.Event()
         self._metrics_thread = threading.Thread(target=self._refresh_metrics, name="vlora-metrics", daemon=True)
         self._metrics_thread.start()
@@ -82,6 +92,10 @@ class Decoder:
         while not self._stop.wait(METRICS_INTERVAL_S):
             try:
                 self.metrics.record_engine(self.engine.call(LLMEngine.state).result(timeout=30))
+                if self.sync is not None:
+                    self.metrics.record_residency(self._residency_stats())
+                    self.metrics.record_versions(self.sync.residency.versions(), self.sync.seq)
+                    self._push_held()
             except Exception:  # noqa: BLE001 - metrics must never take the replica down
                 if self._stop.is_set():
                     return
@@ -109,6 +123,43 @@ class Decoder:
                 extra.update(teacher_prompt=teacher.prompt, teacher_image_embeds=_embeds(teacher))
         return extra
 
+    @asynccontextmanager
+    async def _adapters(self, *names: str | None):
+        """Pin the request's adapters' host copies (fetched from the store on first use) while it runs.
+        Yields True when one of them was cold (fetched for this request)."""
+        if self.sync is None:
+            yield False
+            return
+        res, pinned, cold, kind = self.sync.residency, [], False, "hit"
+        try:
+            for name in dict.fromkeys(n for n in names if n is not None):
+                if res.try_acquire(name) is None:
+                    t0 = time.perf_counter()
+                    _, k = await asyncio.to_thread(res.acquire_kind, name)
+                    kind = k if kind == "hit" else kind
+                    cold = True
+                    self.metrics.cold_starts.inc(1, self.metrics.base)
+                    self.metrics.fetch_wait.observe(time.perf_counter() - t0, self.metrics.base)
+                pinned.append(name)
+            if pinned:
+                self.metrics.affinity.inc(1, {**self.metrics.base, "result": kind})
+            if cold:
+                self._push_held()  # at once: the next requests for it should find this replica
+            yield cold
+        finally:
+            for name in pinned:
+                res.release(name)
+
+    def _push_held(self) -> None:
+        """Report the adapters held here to Serve's routers when the set changed (affinity routing)."""
+        held = sorted(self.sync.residency.versions())
+        if held != self._pushed_held and push_held_adapters(held):
+            self._pushed_held = held
+
+    def _observe_cold_start(self, cold: bool, adapter: str | None, t0: float) -> None:
+        if cold:
+            self.metrics.cold_ttft.observe(time.perf_counter() - t0, self.metrics.base)
+
     def _observe_queue_time(self, out: RequestOutput, adapter: str | None) -> None:
         if out.queue_time_s is not None:
             self.metrics.queue_time.observe(out.queue_time_s, {"model_name": adapter or self.config.model_name})
@@ -125,14 +176,18 @@ class Decoder:
         """
         self._check_capacity()
         self._inflight += 1
+        t0 = time.perf_counter()
         try:
             extra = self._submit_args(req, sampling, max_tokens_explicit, optimal, teacher)
             first = True
-            async for out in self.engine.generate(req.prompt, sampling, adapter, _embeds(req), request_id, **extra):
-                if first:
-                    self._observe_queue_time(out, adapter)
-                first = False
-                yield out
+            async with self._adapters(adapter, _teacher_adapter(optimal)) as cold:
+                async for out in self.engine.generate(req.prompt, sampling, adapter, _embeds(req), request_id,
+                                                      **extra):
+                    if first:
+                        self._observe_queue_time(out, adapter)
+                        self._observe_cold_start(cold, adapter, t0)
+                    first = False
+                    yield out
         except Exception as exc:
             api = to_api_error(exc)
             if api is None or api is exc:
@@ -149,9 +204,11 @@ class Decoder:
         A cancelled call (client gone) aborts the request."""
         self._check_capacity()
         self._inflight += 1
+        t0 = time.perf_counter()
         try:
             extra = self._submit_args(req, sampling, max_tokens_explicit, optimal, teacher)
-            out = await self.engine.complete(req.prompt, sampling, adapter, _embeds(req), request_id, **extra)
+            async with self._adapters(adapter, _teacher_adapter(optimal)) as cold:
+                out = await self.engine.complete(req.prompt, sampling, adapter, _embeds(req), request_id, **extra)
             self._observe_queue_time(out, adapter)
             return out
         except Exception as exc:
@@ -167,7 +224,17 @@ class Decoder:
         return {"replica_id": self.replica_id, **state, "adapter_swaps": state["lora_slot_loads"],
                 "store_seq": self.sync.seq if self.sync else None,
                 "tensor_parallel": {"size": self.config.engine.tensor_parallel_size,
-                                    "steps": state["tensor_parallel_steps"]}}
+                                    "steps": state["tensor_parallel_steps"]},
+                "residency": self._residency_stats()}
+
+    def _residency_stats(self) -> dict | None:
+        if self.sync is None:
+            return None
+        r = self.sync.residency
+        st = r.stats
+        return {"host_copies": r.versions(), "host_bytes": r.bytes, "budget_bytes": r.budget_bytes,
+                "hits": st.hits, "misses": st.misses, "affinity_misses": st.affinity_misses, "fetches": st.fetches, "evictions": st.evictions,
+                "refreshes": st.refreshes}
 
     async def ready(self) -> bool:
         """Model loaded (the constructor finished), engine thread alive, AdapterStore answering."""
@@ -186,6 +253,16 @@ class Decoder:
         """Fault drill (reachable through a Serve handle only, never over HTTP): the engine thread
         raises before its next step, as a bug would. Returns this replica's id."""
         self.engine.inject_fault(RuntimeError(message))
+        return self.replica_id
+
+    async def pause_adapter_sync_drill(self, seconds: float, hold: str | None = None) -> str:
+        """Fault drill (reachable through a Serve handle only, never over HTTP): this replica first takes a
+        host copy of adapter `hold`, then acknowledges no store change for `seconds`, as a wedged replica
+        would. Returns this replica's id."""
+        if hold is not None:
+            await asyncio.to_thread(self.sync.residency.acquire, hold)
+            self.sync.residency.release(hold)
+        self.sync.pause_acks(seconds)
         return self.replica_id
 
     async def crash_process_drill(self, delay_s: float = 0.2) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from adapters.folders import AdapterPathError, AdapterSourceNotFoundError
 from adapters.peft_io import AdapterFormatError
-from adapters.registry import AdapterCorruptError, AdapterNameError, AdapterNotFoundError
+from adapters.registry import AdapterConflictError, AdapterCorruptError, AdapterNameError, AdapterNotFoundError
+from adapters.residency import AdapterCacheFullError
+from adapters.store import PublishTimeoutError, StoreConfigError
 from deployments.openai_api import ApiError
 from engine.engine import ContextLengthError, EngineDeadError, RequestError
 from engine.images import ImageError
@@ -23,6 +25,14 @@ def to_api_error(exc: BaseException) -> ApiError | None:
         return ApiError(400, str(exc), param="messages")
     if isinstance(exc, UnknownAdapterError):
         return ApiError.model_not_found(exc.name)
+    if isinstance(exc, AdapterConflictError):
+        return ApiError(409, str(exc), code="conflict")
+    if isinstance(exc, PublishTimeoutError):
+        return ApiError(504, str(exc), type="server_error", code="publish_timeout")
+    if isinstance(exc, AdapterCacheFullError):
+        return ApiError(503, str(exc), type="server_error", retry_after=1)
+    if isinstance(exc, StoreConfigError):
+        return ApiError(400, str(exc))
     if isinstance(exc, AdapterNotFoundError):
         return ApiError(404, str(exc), code="adapter_not_found")
     if isinstance(exc, AdapterCorruptError):

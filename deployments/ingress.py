@@ -548,6 +548,17 @@ class Ingress:
             raise api from None
 
     @staticmethod
+    def _idempotency_key(request: Request) -> str:
+        """The client's Idempotency-Key (a retried call then makes no second version), else one per HTTP
+        call, so Ray re-sending the call to a restarted store cannot apply it twice."""
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return "auto-" + uuid.uuid4().hex
+        if not 1 <= len(key) <= 128 or not key.isprintable():
+            raise ApiError(400, "the Idempotency-Key header must be 1-128 printable characters", param="Idempotency-Key")
+        return "client-" + key
+
+    @staticmethod
     def _version_headers(info: dict) -> dict:
         return {"x-adapter-version": str(info["version"])} if "version" in info else {}
 
@@ -564,7 +575,7 @@ class Ingress:
         return JSONResponse({"name": name, "current": versions[-1]["version"] if versions else None,
                              "versions": versions})
 
-    async def _load(self, name: Any, path: Any) -> dict:
+    async def _load(self, name: Any, path: Any, key: str) -> dict:
         if not isinstance(name, str):
             raise ApiError(400, "name must be a string", param="name")
         if not isinstance(path, str) or not path:
@@ -572,19 +583,19 @@ class Ingress:
         limits.check_adapter_name(name, self.model_name)
         # The store checks the allow-list where it reads the files (no symlinks, size-capped).
         return await self._call(self.store.load_folder.remote(name, path, list(self.config.adapter_load_dirs),
-                                                              self.config.limits.max_adapter_file_bytes))
+                                                              self.config.limits.max_adapter_file_bytes, key))
 
     @app.post("/v1/adapters")
     async def load_adapter(self, request: Request):
         self._auth_admin(request)
         body = await self._json(request)
-        info = await self._load(body.get("name"), body.get("path"))
+        info = await self._load(body.get("name"), body.get("path"), self._idempotency_key(request))
         return JSONResponse(info, headers=self._version_headers(info))
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(self, name: str, request: Request):
         self._auth_admin(request)
-        await self._call(self.store.delete.remote(name))
+        await self._call(self.store.delete.remote(name, self._idempotency_key(request)))
         return JSONResponse({"name": name, "deleted": True})
 
     @app.post("/v1/adapters/{name}/rollback")
@@ -599,7 +610,7 @@ class Ingress:
         version = body.get("version")
         if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
             raise ApiError(400, "version must be a positive integer", param="version")
-        info = await self._call(self.store.rollback.remote(name, version))
+        info = await self._call(self.store.rollback.remote(name, version, self._idempotency_key(request)))
         return JSONResponse(info, headers=self._version_headers(info))
 
     @app.post("/v1/adapters/{name}/learn")
@@ -611,10 +622,11 @@ class Ingress:
             raise ApiError(400, f"async must be true or false, got {run_async!r}", param="async")
         limits.check_adapter_name(name, self.model_name)
         self._need_trainer()
+        key = self._idempotency_key(request)
         if run_async:
-            job = await self._call(self.trainer.submit.remote(name, body))
+            job = await self._call(self.trainer.submit.remote(name, body, key))
             return JSONResponse(job, status_code=202)
-        job = await self._call(self.trainer.learn.remote(name, body), self.config.limits.learn_timeout_s)
+        job = await self._call(self.trainer.learn.remote(name, body, key), self.config.limits.learn_timeout_s)
         return JSONResponse(job["result"], headers=self._version_headers(job["result"]))
 
     @app.get("/v1/adapters/{name}/jobs/{job_id}")
@@ -633,7 +645,7 @@ class Ingress:
         """vLLM's route, for clients that already use it (answers in plain text, as vLLM does)."""
         self._auth_admin(request)
         body = await self._json(request)
-        info = await self._load(body.get("lora_name"), body.get("lora_path"))
+        info = await self._load(body.get("lora_name"), body.get("lora_path"), self._idempotency_key(request))
         return Response(f"Success: LoRA adapter '{info['name']}' added successfully.", media_type="text/plain",
                         headers=self._version_headers(info))
 
@@ -644,7 +656,7 @@ class Ingress:
         name = body.get("lora_name")
         if not isinstance(name, str):
             raise ApiError(400, "lora_name must be a string", param="lora_name")
-        await self._call(self.store.delete.remote(name))
+        await self._call(self.store.delete.remote(name, self._idempotency_key(request)))
         return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
 
     @app.get("/health")

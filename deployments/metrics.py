@@ -304,8 +304,24 @@ class DecoderMetrics:
             "gauge", "lora_requests_info", "Running stats on LoRA requests (vLLM's): the labels name the adapters "
             "with running / waiting requests; the value is when it was set",
             ("running_lora_adapters", "waiting_lora_adapters", "max_lora")))
-        for c in (self.preemptions, self.lora_slot_loads, self.sync_errors):
+        # Lazy residency (per replica, labelled with the base model: 1,000 adapters must not make 1,000 series)
+        self.host_copies = _gauge("adapter_host_copies", "Adapter host copies held by this replica", M)
+        self.host_bytes = _gauge("adapter_host_bytes", "Bytes of adapter host copies held by this replica", M)
+        self.host_capacity = _gauge("adapter_host_capacity_bytes", "Host copy budget (adapter_cache_mb)", M)
+        self.host_evictions = _counter("adapter_host_evictions", "Host copies dropped for room (LRU)", M)
+        self.cold_starts = _counter("adapter_cold_starts", "Requests whose adapter was fetched from the store "
+                                    "first (not held by this replica)", M)
+        self.affinity = _counter("adapter_affinity", "Adapter requests by where the adapter was on arrival: held "
+                                 "here (hit), held only by another replica (miss: fetched here too), held by no "
+                                 "replica (cold)", M + ("result",))
+        self.fetch_wait = _histogram("adapter_fetch_latency_seconds", "A cold request's wait for its adapter: "
+                                     "fetch from the store, make room, install", SWAP_BUCKETS, M)
+        self.cold_ttft = _histogram("adapter_cold_start_ttft_seconds", "Decoder arrival -> first token of "
+                                    "requests whose adapter was cold", TTFT_BUCKETS, M)
+        for c in (self.preemptions, self.lora_slot_loads, self.sync_errors, self.host_evictions, self.cold_starts):
             c.zero(self.base)
+        for result in ("hit", "miss", "cold"):
+            self.affinity.zero({**self.base, "result": result})
         self._seen = {"num_preemptions": 0, "lora_slot_loads": 0}
         self._versions: dict[str, int] = {}
 
@@ -326,6 +342,15 @@ class DecoderMetrics:
             self.lora_info.replace({"running_lora_adapters": ",".join(s["running_adapters"]),
                                     "waiting_lora_adapters": ",".join(s["waiting_adapters"]),
                                     "max_lora": str(s["lora_slots_total"])}, time.time())
+
+    def record_residency(self, r: dict) -> None:
+        """Set the host-copy gauges from `Decoder._residency_stats()`; evictions move by the delta."""
+        b = self.base
+        self.host_copies.set(len(r["host_copies"]), b)
+        self.host_bytes.set(r["host_bytes"], b)
+        self.host_capacity.set(r["budget_bytes"], b)
+        self.host_evictions.inc(r["evictions"] - self._seen.get("evictions", 0), b)
+        self._seen["evictions"] = r["evictions"]
 
     def record_versions(self, versions: dict[str, int], seq: int) -> None:
         for name, v in versions.items():

@@ -9,7 +9,6 @@ publishes through the AdapterStore; a diverged job publishes nothing.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import time
 from collections import defaultdict
@@ -17,9 +16,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from adapters.jobs import new_job_id
 from adapters.registry import validate_adapter_name
 from adapters.trainer import LoRATrainer, TrainingDataError, TrainingDivergedError
 from deployments.config import AppConfig
+from deployments.errors import find_api_error
 from deployments.image_fetch import image_load_policy
 from deployments.metrics import TrainerMetrics
 from deployments.openai_api import ApiError
@@ -84,9 +85,12 @@ class Job:
     losses: list[float] = field(default_factory=list)
     result: dict | None = None
     error: dict | None = None
+    idempotency_key: str | None = None  # its publish's key: a retried publish makes no second version
 
     def view(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        del d["idempotency_key"]
+        return d
 
 
 class Trainer:
@@ -100,10 +104,10 @@ class Trainer:
         self.limits = config.limits
         self.store = store
         self.max_rank = config.engine.max_lora_rank
+        self.job_ttl_s = config.learn_job_ttl_s
         self.jobs: dict[str, Job] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._gpu = asyncio.Lock()  # one training job on the device at a time
-        self._ids = itertools.count(1)
         self.metrics = TrainerMetrics()
 
     def _count_in_progress(self) -> None:
@@ -119,21 +123,21 @@ class Trainer:
             self.metrics.duration.observe(job.result["seconds"], m)
         self._count_in_progress()
 
-    async def submit(self, name: str, params: dict) -> dict:
+    async def submit(self, name: str, params: dict, idempotency_key: str | None = None) -> dict:
         """Queue a learn job; returns its view at once (status 'queued')."""
-        job, p = self._new_job(name, params)
+        job, p = self._new_job(name, params, idempotency_key)
         asyncio.get_running_loop().create_task(self._run(job, p))
         return job.view()
 
-    async def learn(self, name: str, params: dict) -> dict:
+    async def learn(self, name: str, params: dict, idempotency_key: str | None = None) -> dict:
         """Run a learn job to the end and return its final view (raises ApiError on failure)."""
-        job, p = self._new_job(name, params)
+        job, p = self._new_job(name, params, idempotency_key)
         await self._run(job, p)
         if job.status == "failed":
             raise ApiError(job.error["status"], job.error["message"])
         return job.view()
 
-    def _new_job(self, name: str, params: dict) -> tuple[Job, LearnParams]:
+    def _new_job(self, name: str, params: dict, idempotency_key: str | None = None) -> tuple[Job, LearnParams]:
         try:
             validate_adapter_name(name)
         except ValueError as e:
@@ -147,7 +151,7 @@ class Trainer:
         except TypeError as e:
             raise ApiError(400, f"invalid learn request: {e}") from None
         p.check(self.max_rank, self.limits.max_learn_examples, self.limits.max_learn_steps)
-        job = Job(id=f"job-{next(self._ids)}", adapter=name, steps=p.steps)
+        job = Job(id=new_job_id(), adapter=name, steps=p.steps, idempotency_key=idempotency_key or new_job_id())
         self.jobs[job.id] = job
         self._count_in_progress()
         return job, p
@@ -162,12 +166,24 @@ class Trainer:
                 except ApiError as e:
                     job.status, job.error = "failed", {"status": e.status, "message": e.message}
                 except Exception as e:  # noqa: BLE001 - recorded on the job, reported to the client
-                    job.status, job.error = "failed", {"status": 500, "message": f"{type(e).__name__}: {e}"}
+                    api = find_api_error(e)  # e.g. the store's 409 (changed meanwhile) or 504 (replicas behind)
+                    job.status, job.error = "failed", (
+                        {"status": api.status, "message": api.message} if api is not None
+                        else {"status": 500, "message": f"{type(e).__name__}: {e}"})
                 except BaseException:  # cancelled: the job cannot finish
                     job.status, job.error = "failed", {"status": 499, "message": "cancelled"}
                     raise
                 finally:
                     self._record_outcome(job)
+        await self._keep(job)
+
+    async def _keep(self, job: Job) -> None:
+        """A finished job moves to the store (kept learn_job_ttl_s, across restarts of either)."""
+        try:
+            await self._store(self.store.put_job.remote(job.view()))
+            self.jobs.pop(job.id, None)
+        except Exception:  # noqa: BLE001 - the job stays readable here until this replica restarts
+            pass
 
     async def _train_and_publish(self, job: Job, p: LearnParams) -> dict:
         init, parent, alpha, rslora = None, None, p.lora_alpha, p.use_rslora
@@ -195,8 +211,10 @@ class Trainer:
         metrics = {"loss_before": res.loss_before, "loss_after": res.loss_after, "steps": res.steps,
                    "num_examples": res.num_examples, "seconds": res.seconds}
         t0 = time.perf_counter()
+        # Compare-and-set: 409 if a load, rollback, learn or delete changed the adapter since `parent`.
         info = await self._store(self.store.publish.remote(job.adapter, res.weights, res.lora_alpha, res.use_rslora,
-                                                           "learned", parent, metrics))
+                                                           "learned", parent, metrics, expect_current=parent,
+                                                           idempotency_key=job.idempotency_key))
         self.metrics.publish.observe(time.perf_counter() - t0, {"model_name": job.adapter})
         return {"adapter": job.adapter, "version": info["version"], "parent_version": parent, **metrics,
                 "replicas_synced": info["replicas_synced"]}
@@ -211,9 +229,11 @@ class Trainer:
 
     async def job(self, name: str, job_id: str) -> dict:
         job = self.jobs.get(job_id)
-        if job is None or job.adapter != name:
-            raise ApiError(404, f"no job {job_id!r} for adapter {name!r}", code="job_not_found")
-        return job.view()
+        view = job.view() if job is not None else await self._store(self.store.get_job.remote(job_id))
+        if view is None or view["adapter"] != name:
+            raise ApiError(404, f"no job {job_id!r} for adapter {name!r} (finished jobs are kept "
+                                f"{self.job_ttl_s:g} s)", code="job_not_found")
+        return view
 
     async def ready(self) -> bool:
         return True

@@ -1,8 +1,9 @@
 """One Ray + Serve instance for the whole test session, with the app deployed on the tiny model.
 
-Two applications share it: `vlora` (2 Decoder replicas x 2 tensor-parallel ranks, API and admin
-keys on) for the behaviour tests, and `overload` (1 tiny Decoder with a queue of one, no admin
-keys) for the 503, closed-admin and engine-fault tests.
+Two applications share it: `vlora` (2 Decoder replicas x 2 tensor-parallel ranks, max_loras 8,
+host copies of adapters bounded to ~32 small adapters per replica, API and admin keys on) for the
+behaviour tests, and `overload` (1 tiny Decoder with a queue of one, no admin keys) for the 503,
+closed-admin and engine-fault tests.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import pytest
 API_KEY = "test-key"
 ADMIN_KEY = "admin-key"
 METRICS_INTERVAL_MS = 1000  # replicas export their metrics every second (Ray's default: 10 s)
+# The many-adapters test (test_many_adapters.py) registers rank-2 adapters on all 7 modules of the tiny
+# model (4 layers): 37,376 bytes each in fp32. Each Decoder replica's host copies fit ~32 of them.
+FLEET_ADAPTER_BYTES = 37376
+ADAPTER_CACHE_MB = 32 * FLEET_ADAPTER_BYTES / 2**20
+ACK_TIMEOUT_S = 8.0  # short, so the ack-timeout drill is quick; replicas ack within milliseconds
 
 
 def _free_port() -> int:
@@ -29,7 +35,9 @@ def base_config(model_dir, store_dir, load_dir=None, **over) -> dict:
         "adapter_store_dir": str(store_dir),
         "adapter_load_dirs": [str(load_dir)] if load_dir else [],
         "engine": {"max_num_seqs": 32, "kv_cache_memory_mb": 16, "block_size": 16, "max_model_len": 1024,
-                   "max_loras": 4, "max_lora_rank": 16},
+                   "max_loras": 8, "max_lora_rank": 16},
+        "adapter_cache_mb": ADAPTER_CACHE_MB,
+        "adapter_ack_timeout_s": ACK_TIMEOUT_S,
         "preprocessor": {"num_replicas": 1, "num_cpus": 0.1},
         "vision_encoder": {"num_replicas": 1, "num_cpus": 0.1},
         "decoder": {"num_replicas": 2, "num_cpus": 0.1},

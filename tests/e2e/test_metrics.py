@@ -204,7 +204,7 @@ def test_adapter_versions_swaps_and_learn_jobs(base_url, metrics_url, adapter):
     bad = learn(base_url, adapter, examples=[{"messages": []}])  # a job that fails on its data
     assert bad.status_code == 400, bad.text
     samples = wait_for(metrics_url, lambda s: value(s, "ray_vlora_learn_jobs_total", **m) >= 3
-                       and value(s, "ray_vlora_adapter_swaps_total", **m) >= 4
+                       and value(s, "ray_vlora_adapter_swaps_total", **m) >= 2
                        and set(per_replica(s, "ray_vlora_adapter_version", **m).values()) == {2.0},
                        what=f"learn jobs and swaps of {adapter}")
     samples = settled(metrics_url, ["ray_vlora_learn_jobs_total", "ray_vlora_adapter_swaps_total"], **m)
@@ -215,11 +215,12 @@ def test_adapter_versions_swaps_and_learn_jobs(base_url, metrics_url, adapter):
     assert value(samples, "ray_vlora_learn_loss", phase="before", **m) > 0
     assert value(samples, "ray_vlora_learn_loss", phase="after", **m) == value(samples, "ray_vlora_learn_loss",
                                                                                 phase="before", **m)  # steps=0
-    # both Decoder replicas installed versions 1 and 2: two swaps each, each one timed
+    # the replicas that held the adapter (fetched v1 on first use) replaced it by v2 before the learn
+    # returned: two installs each, each one timed
     versions = per_replica(samples, "ray_vlora_adapter_version", **m)
-    assert len(versions) == 2 and set(versions.values()) == {2.0}
+    assert 1 <= len(versions) <= 2 and set(versions.values()) == {2.0}
     assert set(per_replica(samples, "ray_vlora_adapter_swaps_total", **m).values()) == {2.0}
-    assert value(samples, "ray_vlora_adapter_swap_latency_seconds_count", **m) == 4
+    assert value(samples, "ray_vlora_adapter_swap_latency_seconds_count", **m) == 2 * len(versions)
     seqs = per_replica(samples, "ray_vlora_adapter_sync_seq")
     assert len(seqs) == 2 and len(set(seqs.values())) == 1  # no sync lag once idle
 

@@ -68,7 +68,7 @@ class Handle:
     def __init__(self, target, stream: bool = False):
         self.target, self.stream = target, stream
 
-    def options(self, stream: bool = False) -> "Handle":
+    def options(self, stream: bool = False, **_) -> "Handle":
         return Handle(self.target, stream)
 
     def __getattr__(self, name):
@@ -113,7 +113,7 @@ class Trainer:
     def __init__(self):
         self.started = 0
 
-    async def learn(self, name, body):
+    async def learn(self, name, body, idempotency_key=None):
         self.started += 1
         await asyncio.sleep(60)  # a training run far longer than learn_timeout_s
 

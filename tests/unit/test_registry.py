@@ -12,6 +12,7 @@ import torch
 from adapters.peft_io import WEIGHTS_NAME, AdapterFormatError, load_peft_adapter, save_peft_adapter
 from adapters.registry import (
     ADAPTER_NAME_RE,
+    AdapterConflictError,
     AdapterCorruptError,
     AdapterNameError,
     AdapterNotFoundError,
@@ -349,3 +350,57 @@ def test_failed_manifest_write_leaves_no_trace(reg, monkeypatch):
     assert (reg.seq, reg.list(), tree(reg.root)) == (seq, lst, files)
     monkeypatch.undo()
     assert reg.publish("a", rand_lora(3), lora_alpha=8.0).version == 2
+
+
+# -- idempotency keys, compare-and-set, bulk registration ----------------------------------------
+
+def test_idempotency_key_makes_one_version(tmp_path):
+    reg = AdapterRegistry(tmp_path / "store", retention=3)
+    a = reg.publish("k", rand_lora(1), lora_alpha=8.0, idempotency_key="req-1")
+    again = reg.publish("k", rand_lora(2), lora_alpha=8.0, idempotency_key="req-1")  # a retry of the same call
+    assert (a.version, again.version, again.checksum) == (1, 1, a.checksum)
+    assert [v.version for v in reg.versions("k")] == [1] and reg.seq == 1
+    reg.publish("k", rand_lora(3), lora_alpha=8.0, idempotency_key="req-2")
+    rb = reg.rollback("k", 1, idempotency_key="rb-1")
+    assert reg.rollback("k", 1, idempotency_key="rb-1").version == rb.version == 3
+    reg.delete("k", idempotency_key="del-1")
+    reg.delete("k", idempotency_key="del-1")  # the retry of a delete that happened: no 404
+    # the keys survive a restart (they are in the manifest, written with the version)
+    reg2 = AdapterRegistry(tmp_path / "store", retention=3)
+    reg2.publish("k", rand_lora(4), lora_alpha=8.0, idempotency_key="new")
+    assert reg2.publish("k", rand_lora(5), lora_alpha=8.0, idempotency_key="new").version == 4
+    with pytest.raises(AdapterConflictError, match="already used for a publish of adapter 'k'"):
+        reg2.publish("other", rand_lora(6), lora_alpha=8.0, idempotency_key="new")
+    with pytest.raises(AdapterConflictError, match="already used for a delete"):
+        reg2.publish("k", rand_lora(6), lora_alpha=8.0, idempotency_key="del-1")
+
+
+def test_compare_and_set_on_the_current_version(reg):
+    reg.publish("cas", rand_lora(1), lora_alpha=8.0)
+    assert reg.publish("cas", rand_lora(2), lora_alpha=8.0, expect_current=1).version == 2
+    with pytest.raises(AdapterConflictError, match="started from v1 but v2 is current"):
+        reg.publish("cas", rand_lora(3), lora_alpha=8.0, expect_current=1)
+    with pytest.raises(AdapterConflictError, match="created meanwhile"):
+        reg.publish("cas", rand_lora(3), lora_alpha=8.0, expect_current=None)
+    assert reg.publish("fresh", rand_lora(3), lora_alpha=8.0, expect_current=None).version == 1
+    reg.delete("cas")
+    with pytest.raises(AdapterConflictError, match="deleted meanwhile"):
+        reg.publish("cas", rand_lora(4), lora_alpha=8.0, expect_current=2)
+    assert "cas" not in reg and reg.seq == 4  # refused publishes wrote nothing
+    assert not (reg.root / "cas").exists()
+
+
+def test_publish_many_one_manifest_write(reg, monkeypatch):
+    writes = []
+    real = reg._write_manifest
+    monkeypatch.setattr(reg, "_write_manifest", lambda m: (writes.append(1), real(m)))
+    reg.publish("a0", rand_lora(9), lora_alpha=8.0)
+    infos = reg.publish_many([{"name": f"a{i}", "weights": rand_lora(i, r=1), "lora_alpha": 8.0}
+                              for i in range(20)])
+    assert len(writes) == 2 and [i.version for i in infos] == [2] + [1] * 19
+    assert reg.seq == 21 and len(reg.list()) == 20
+    assert same_weights(reg.weights("a7")[1], rand_lora(7, r=1))
+    with pytest.raises(AdapterNameError):
+        reg.publish_many([{"name": "ok1", "weights": rand_lora(1), "lora_alpha": 8.0},
+                          {"name": "-bad", "weights": rand_lora(1), "lora_alpha": 8.0}])
+    assert "ok1" not in reg and reg.seq == 21
