@@ -29,4 +29,4 @@ unit: setup
 	$(BIN)/python -m pytest -q tests/unit
 
 serve: setup
-	$(BIN)/python -m deployments.launch serve_config.yaml --metrics-export-port $(METRICS_PORT)
+	$(BIN)/python -m vlora.deployments.launch serve_config.yaml --metrics-export-port $(METRICS_PORT)

@@ -18,7 +18,7 @@ import os
 import stat
 from collections.abc import Iterable
 
-from adapters.peft_io import AdapterFormatError
+from vlora.adapters.peft_io import AdapterFormatError
 
 
 class AdapterPathError(ValueError):

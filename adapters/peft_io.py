@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save_file
 
-from engine.config import LORA_TARGET_MODULES
-from engine.lora import LoRAWeights
+from vlora.engine.config import LORA_TARGET_MODULES
+from vlora.engine.lora import LoRAWeights
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -48,8 +48,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
-from adapters.folders import read_files
-from adapters.peft_io import (
+from vlora.adapters.folders import read_files
+from vlora.adapters.peft_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterFormatError,
@@ -57,8 +57,8 @@ from adapters.peft_io import (
     parse_peft_adapter,
     save_peft_adapter,
 )
-from engine.config import LORA_TARGET_MODULES
-from engine.lora import LoRAWeights
+from vlora.engine.config import LORA_TARGET_MODULES
+from vlora.engine.lora import LoRAWeights
 
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 NAME_RULE = ("an adapter name must be 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter "

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from engine.lora_manager import UnknownAdapterError
+from vlora.engine.lora_manager import UnknownAdapterError
 
 
 class AdapterCacheFullError(RuntimeError):

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import ray
 
-from adapters.jobs import JobBook
-from adapters.registry import NO_CHECK, AdapterRegistry
-from adapters.replica_tracker import ReplicaTracker, write_json_atomic
-from engine.config import LORA_TARGET_MODULES
-from engine.lora import LoRAWeights, check_lora_fits
-from engine.model import TextConfig
+from vlora.adapters.jobs import JobBook
+from vlora.adapters.registry import NO_CHECK, AdapterRegistry
+from vlora.adapters.replica_tracker import ReplicaTracker, write_json_atomic
+from vlora.engine.config import LORA_TARGET_MODULES
+from vlora.engine.lora import LoRAWeights, check_lora_fits
+from vlora.engine.model import TextConfig
 
 STORE_NAMESPACE = "vlora"
 ACK_TIMEOUT_S = 60.0

@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from adapters.peft_io import peft_target_regex
-from engine.config import LORA_TARGET_MODULES
-from engine.images import DEFAULT_LOAD_POLICY, ImageError, ImageLoadPolicy, ImageTransform, load_image
-from engine.lora import LoRAWeights
-from engine.prompts import PromptBuilder, PromptError
+from vlora.adapters.peft_io import peft_target_regex
+from vlora.engine.config import LORA_TARGET_MODULES
+from vlora.engine.images import DEFAULT_LOAD_POLICY, ImageError, ImageLoadPolicy, ImageTransform, load_image
+from vlora.engine.lora import LoRAWeights
+from vlora.engine.prompts import PromptBuilder, PromptError
 
 IGNORE_INDEX = -100
 _MODULE_PARENT = {m: ("self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp")

@@ -57,7 +57,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from adapters.peft_io import save_peft_adapter  # noqa: E402
+from vlora.adapters.peft_io import save_peft_adapter  # noqa: E402
 
 from bench.serve import (  # noqa: E402
     MODEL_NAME,
@@ -376,10 +376,10 @@ def register_many(cluster, app: str, start: int, n: int, rank: int = 2) -> None:
     """Register n small random adapters `many-<i>` through the store's bulk path (one manifest write)."""
     import ray
 
-    from adapters.store import get_store
-    from engine.config import LORA_TARGET_MODULES
-    from engine.lora import LoRAWeights
-    from engine.model import TextConfig
+    from vlora.adapters.store import get_store
+    from vlora.engine.config import LORA_TARGET_MODULES
+    from vlora.engine.lora import LoRAWeights
+    from vlora.engine.model import TextConfig
 
     shapes = TextConfig.from_pretrained(cluster.model_dir).lora_module_shapes(LORA_TARGET_MODULES)
     store = get_store(cluster.apps[app]["config"]["adapter_store_dir"])
@@ -548,9 +548,9 @@ def _write(a, R: dict) -> None:
 
 
 def make_rank2(model_dir: Path):
-    from engine.config import LORA_TARGET_MODULES
-    from engine.lora import LoRAWeights
-    from engine.model import TextConfig
+    from vlora.engine.config import LORA_TARGET_MODULES
+    from vlora.engine.lora import LoRAWeights
+    from vlora.engine.model import TextConfig
 
     shapes = TextConfig.from_pretrained(model_dir).lora_module_shapes(LORA_TARGET_MODULES)
     g = torch.Generator().manual_seed(12345)

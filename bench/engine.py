@@ -53,12 +53,12 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from adapters.peft_io import parse_lora_state_dict, peft_target_regex  # noqa: E402
-from engine.config import LORA_TARGET_MODULES, EngineConfig  # noqa: E402
-from engine.engine import LLMEngine  # noqa: E402
-from engine.prompts import PreparedPrompt, PromptConfig, mrope_positions  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
-from engine.vision import VisionEncoder  # noqa: E402
+from vlora.adapters.peft_io import parse_lora_state_dict, peft_target_regex  # noqa: E402
+from vlora.engine.config import LORA_TARGET_MODULES, EngineConfig  # noqa: E402
+from vlora.engine.engine import LLMEngine  # noqa: E402
+from vlora.engine.prompts import PreparedPrompt, PromptConfig, mrope_positions  # noqa: E402
+from vlora.engine.sampling import SamplingParams  # noqa: E402
+from vlora.engine.vision import VisionEncoder  # noqa: E402
 
 IMAGE_SIZE = 448  # -> 32x32 patches -> 256 merged image tokens
 IMAGE_TEXT_BEFORE, IMAGE_TEXT_AFTER = 20, 30  # random text tokens around the image block
@@ -350,7 +350,7 @@ def main(argv=None) -> dict:
         import structured
 
         def build(tmp: Path, dev: str) -> Path:
-            from engine.tiny import write_tiny_model
+            from vlora.engine.tiny import write_tiny_model
 
             model = build_7b(dev, torch.bfloat16)
             out = save_with_tiny_tokenizer(model, tmp / "qwen2_5_vl_7b_random", write_tiny_model(tmp / "tiny", seed=0))
@@ -406,7 +406,7 @@ class Bench:
         self.hf = None
         self.hf_static = 0
         if a.arch_7b:
-            from engine.tiny import write_tiny_model
+            from vlora.engine.tiny import write_tiny_model
 
             tiny = write_tiny_model(self.tmp / "tiny", seed=0)
             before = allocated(dev)
@@ -418,7 +418,7 @@ class Bench:
             self.model_dir = Path(a.model_dir)
             self.model_label = str(self.model_dir)
         else:
-            from engine.tiny import write_tiny_model
+            from vlora.engine.tiny import write_tiny_model
 
             self.model_dir = write_tiny_model(self.tmp / "tiny", seed=0)
             self.model_label = "tiny (engine.tiny, generated)"

@@ -42,11 +42,11 @@ def main(argv=None) -> int:
     import transformers
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    from adapters.peft_io import load_peft_adapter
-    from engine.config import EngineConfig
-    from engine.engine import LLMEngine
-    from engine.sampling import SamplingParams
-    from engine.tiny import write_tiny_model
+    from vlora.adapters.peft_io import load_peft_adapter
+    from vlora.engine.config import EngineConfig
+    from vlora.engine.engine import LLMEngine
+    from vlora.engine.sampling import SamplingParams
+    from vlora.engine.tiny import write_tiny_model
     from tests.unit.oracle import peft_model, random_peft_adapter
 
     transformers.logging.set_verbosity_error()

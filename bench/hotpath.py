@@ -66,8 +66,8 @@ def timed(fn, dev: str) -> float:
 
 
 def make_engine(model_dir, dev: str, max_loras: int = 0, **kw):
-    from engine.config import EngineConfig
-    from engine.engine import LLMEngine
+    from vlora.engine.config import EngineConfig
+    from vlora.engine.engine import LLMEngine
 
     cfg = dict(device=dev, num_kv_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048, max_loras=max_loras,
                max_lora_rank=8)
@@ -75,7 +75,7 @@ def make_engine(model_dir, dev: str, max_loras: int = 0, **kw):
 
 
 def arrival(model_dir, dev: str, repeats: int) -> dict:
-    from engine.sampling import SamplingParams
+    from vlora.engine.sampling import SamplingParams
 
     g = torch.Generator().manual_seed(0)
     eng = make_engine(model_dir, dev)
@@ -103,8 +103,8 @@ def arrival(model_dir, dev: str, repeats: int) -> dict:
 
 
 def op_counts(model_dir, dev: str) -> dict:
-    from engine.lora import LoRAWeights
-    from engine.sampling import SamplingParams
+    from vlora.engine.lora import LoRAWeights
+    from vlora.engine.sampling import SamplingParams
 
     eng = make_engine(model_dir, dev, max_loras=8, max_num_seqs=16)
     cfg = eng.model.cfg
@@ -133,7 +133,7 @@ def op_counts(model_dir, dev: str) -> dict:
 
 
 def sampler(dev: str, repeats: int) -> dict:
-    from engine.sampling import RowState, Sampler, SamplingParams
+    from vlora.engine.sampling import RowState, Sampler, SamplingParams
 
     V, B = 152064, 64
     logits = torch.randn(B, V, generator=torch.Generator().manual_seed(2)).to(dev)
@@ -150,7 +150,7 @@ def sampler(dev: str, repeats: int) -> dict:
 
 
 def measure(args) -> dict:
-    from engine.tiny import write_tiny_model
+    from vlora.engine.tiny import write_tiny_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

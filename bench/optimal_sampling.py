@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 
 from bench.engine import device_name, engine_decode, median  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
-from engine.engine import LLMEngine  # noqa: E402
-from engine.lora import LoRAWeights  # noqa: E402
-from engine.optimal_sampling import OptimalSamplingParams  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
-from engine.tiny import write_tiny_model  # noqa: E402
+from vlora.engine.config import EngineConfig  # noqa: E402
+from vlora.engine.engine import LLMEngine  # noqa: E402
+from vlora.engine.lora import LoRAWeights  # noqa: E402
+from vlora.engine.optimal_sampling import OptimalSamplingParams  # noqa: E402
+from vlora.engine.sampling import SamplingParams  # noqa: E402
+from vlora.engine.tiny import write_tiny_model  # noqa: E402
 
 
 def random_lora(engine: LLMEngine, rank: int, seed: int) -> LoRAWeights:

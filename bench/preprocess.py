@@ -27,7 +27,7 @@ import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
-from engine.images import ImageTransform  # noqa: E402
+from vlora.engine.images import ImageTransform  # noqa: E402
 
 BLOCKS = 5  # alternating timing blocks per implementation
 
@@ -66,7 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir
         if model_dir is None:
-            from engine.tiny import write_tiny_model
+            from vlora.engine.tiny import write_tiny_model
 
             model_dir = write_tiny_model(Path(tmp) / "tiny", seed=0)
         ours = ImageTransform.from_pretrained(model_dir)

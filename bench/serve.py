@@ -55,15 +55,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from client.client import data_url  # noqa: E402
-from client.loadgen import BenchConfig, LoadGenerator, noise_png, summarize  # noqa: E402
-from deployments.app import decoder_stats  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
-from engine.engine import LLMEngine  # noqa: E402
-from engine.images import ImageTransform, load_image  # noqa: E402
-from engine.prompts import PromptBuilder  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
-from engine.vision import VisionEncoder  # noqa: E402
+from vlora.client.client import data_url  # noqa: E402
+from vlora.client.loadgen import BenchConfig, LoadGenerator, noise_png, summarize  # noqa: E402
+from vlora.deployments.app import decoder_stats  # noqa: E402
+from vlora.engine.config import EngineConfig  # noqa: E402
+from vlora.engine.engine import LLMEngine  # noqa: E402
+from vlora.engine.images import ImageTransform, load_image  # noqa: E402
+from vlora.engine.prompts import PromptBuilder  # noqa: E402
+from vlora.engine.sampling import SamplingParams  # noqa: E402
+from vlora.engine.vision import VisionEncoder  # noqa: E402
 
 MODEL_NAME = "tiny"
 REPLICA_CPUS = 0.1  # logical CPUs per replica (as in the e2e tests): every deployment fits on 2 cores
@@ -182,7 +182,7 @@ class ServeCluster:
         import ray
         from ray import serve
 
-        from engine.tiny import write_tiny_model
+        from vlora.engine.tiny import write_tiny_model
 
         self._tmp = tempfile.TemporaryDirectory(prefix="vlora-bench-")
         self.tmp = Path(self._tmp.name)
@@ -205,7 +205,7 @@ class ServeCluster:
         """Deploy the app under /<name>; returns its base URL (OpenAI clients add /v1)."""
         from ray import serve
 
-        from deployments.app import build_app
+        from vlora.deployments.app import build_app
 
         cfg = app_config(self.model_dir, self.tmp / f"store-{name}", load_dir, decoders, engine)
         cfg.update(over)

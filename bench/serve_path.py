@@ -148,7 +148,7 @@ def http_sync(base: str, model: str):
 # -- the engine in this process -----------------------------------------------------------------------------
 def engine_closed_loop(eng, level: int, requests: int, max_tokens: int) -> dict:
     """LLMEngine stepped directly with `level` requests in flight; tok/s and the mean step time."""
-    from engine.sampling import SamplingParams
+    from vlora.engine.sampling import SamplingParams
 
     sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     e = eng.engine
@@ -176,8 +176,8 @@ def engine_closed_loop(eng, level: int, requests: int, max_tokens: int) -> dict:
 
 def async_engine_load(eng, level: int, requests: int, max_tokens: int, interval_s: float) -> dict:
     """The same through AsyncEngine: the engine on its thread, `level` asyncio consumers in this thread."""
-    from engine.engine import AsyncEngine
-    from engine.sampling import SamplingParams
+    from vlora.engine.engine import AsyncEngine
+    from vlora.engine.sampling import SamplingParams
 
     ae = AsyncEngine(eng.engine, stream_interval_s=interval_s)
     try:
@@ -217,7 +217,7 @@ def deploy_floor(cluster, pace) -> str:
 
 
 def decoder_loop_stats() -> dict | None:
-    from deployments.app import decoder_stats
+    from vlora.deployments.app import decoder_stats
 
     s = next(iter(decoder_stats("vlora", 1).values()))
     return dict(s["engine_loop"]) if "engine_loop" in s else None
@@ -262,8 +262,8 @@ def phase(a) -> dict:
             device, dtype = resolve_device()
             eng = EngineAlone(cluster.model_dir, device, dtype)
             # the engine's config = a Decoder replica's (bench/serve.py's ENGINE_LIMITS overridden here)
-            from engine.config import EngineConfig
-            from engine.engine import LLMEngine
+            from vlora.engine.config import EngineConfig
+            from vlora.engine.engine import LLMEngine
 
             eng.engine = LLMEngine(EngineConfig(
                 model_dir=str(cluster.model_dir), device=device, dtype=dtype, block_size=ENGINE["block_size"],
@@ -286,7 +286,7 @@ def phase(a) -> dict:
         cfg = app_config(cluster.model_dir, cluster.tmp / "store", engine=ENGINE)
         from ray import serve
 
-        from deployments.app import build_app
+        from vlora.deployments.app import build_app
 
         serve.run(build_app(cfg), name="vlora", route_prefix="/vlora")
         urls = {"floor": deploy_floor(cluster, pace), "vlora": f"{cluster.url}/vlora"}
@@ -301,7 +301,7 @@ def phase(a) -> dict:
                     raise RuntimeError(f"{side} (stream={stream}) fails: {w}")
         sides = {"floor": http_sync(urls["floor"], "floor"), "vlora": http_sync(urls["vlora"], "tiny")}
         if a.phase == "after":
-            from engine.sampling import SamplingParams
+            from vlora.engine.sampling import SamplingParams
 
             def engine_one(i: int) -> None:
                 e = eng.engine
@@ -331,6 +331,9 @@ def before_tree(ref: str, dest: Path) -> str:
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     for f in ("serve.py", "serve_floor.py", "serve_path.py"):
         (dest / "bench" / f).write_bytes((HERE / f).read_bytes())
+    if not (dest / "vlora").exists():  # a tree from before the vlora namespace: the harness imports vlora.*
+        (dest / "vlora").mkdir()
+        (dest / "vlora" / "__init__.py").write_bytes((ROOT / "vlora" / "__init__.py").read_bytes())
     return commit
 
 

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from engine.config import EngineConfig  # noqa: E402
-from engine.engine import LLMEngine  # noqa: E402
-from engine.grammar import GrammarSpec  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
+from vlora.engine.config import EngineConfig  # noqa: E402
+from vlora.engine.engine import LLMEngine  # noqa: E402
+from vlora.engine.grammar import GrammarSpec  # noqa: E402
+from vlora.engine.sampling import SamplingParams  # noqa: E402
 
 
 def schema(n_items: int) -> dict:
@@ -70,7 +70,7 @@ def decode_steps(engine: LLMEngine, prompts: list[list[int]], samplings: list[Sa
 
 def mask_cost_us(engine: LLMEngine, spec: GrammarSpec, B: int, dev: str, iters: int = 200) -> float:
     """Host fill + copy + masked fill for B/2 constrained rows of a B-row batch, per step (microseconds)."""
-    from engine.sampling import RowState, apply_grammar_masks
+    from vlora.engine.sampling import RowState, apply_grammar_masks
 
     rows = [RowState.create(SamplingParams()) for _ in range(B)]
     compiled = engine.grammars.get(spec)
@@ -108,7 +108,7 @@ def main(argv=None, build_7b=None) -> dict:
     elif a.model_dir:
         model_dir, label = Path(a.model_dir), a.model_dir
     else:
-        from engine.tiny import write_tiny_model
+        from vlora.engine.tiny import write_tiny_model
 
         model_dir, label = write_tiny_model(tmp / "tiny", seed=0), "tiny (engine.tiny, generated)"
     B, G = a.batch, a.gen_len

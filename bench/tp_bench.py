@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.config import EngineConfig  # noqa: E402
-from engine.engine import LLMEngine  # noqa: E402
-from engine.tiny import TinySpec, write_tiny_model  # noqa: E402
-from engine.tp import TPSpec, free_port  # noqa: E402
-from engine.tp_worker import run_worker  # noqa: E402
+from vlora.engine.config import EngineConfig  # noqa: E402
+from vlora.engine.engine import LLMEngine  # noqa: E402
+from vlora.engine.tiny import TinySpec, write_tiny_model  # noqa: E402
+from vlora.engine.tp import TPSpec, free_port  # noqa: E402
+from vlora.engine.tp_worker import run_worker  # noqa: E402
 
 SMALL = TinySpec(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=4, mrope_section=(8, 12, 12),
                  init_std=0.02)

@@ -42,8 +42,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (  # noqa: E402
     Qwen2_5_VisionTransformerPretrainedModel,
 )
 
-from engine.vision import VisionEncoder  # noqa: E402
-from engine.vision_tower import VisionConfig, VisionTower  # noqa: E402
+from vlora.engine.vision import VisionEncoder  # noqa: E402
+from vlora.engine.vision_tower import VisionConfig, VisionTower  # noqa: E402
 
 SEVEN_B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                hidden_act="silu", in_channels=3, patch_size=14, temporal_patch_size=2, spatial_merge_size=2,
@@ -84,7 +84,7 @@ def build_towers(arch: str, device: str, dtype: torch.dtype, tmp: Path):
         tower = tower.to_empty(device=device).to(dtype)
         tower.load_checkpoint_state(hf.state_dict())
         return hf.eval(), VisionEncoder(tower)
-    from engine.tiny import write_tiny_model
+    from vlora.engine.tiny import write_tiny_model
 
     model_dir = write_tiny_model(tmp / "tiny", seed=0)
     ours = VisionEncoder.from_pretrained(model_dir, device=device, dtype=dtype)
@@ -92,7 +92,7 @@ def build_towers(arch: str, device: str, dtype: torch.dtype, tmp: Path):
     vcfg._attn_implementation = "sdpa"
     with torch.device(device):
         hf = Qwen2_5_VisionTransformerPretrainedModel._from_config(vcfg, attn_implementation="sdpa", dtype=dtype)
-    from engine.vision import load_vision_state_dict
+    from vlora.engine.vision import load_vision_state_dict
 
     hf.load_state_dict(load_vision_state_dict(model_dir, device=device))
     return hf.eval(), ours
@@ -131,8 +131,8 @@ def time_towers(hf, ours: VisionEncoder, grids, device: str, dtype: torch.dtype,
 
 def time_transfer(out_hidden: int, device: str, dtype: torch.dtype, repeats: int) -> dict:
     """Per image (256 tokens): device -> host, Ray object store put + get, host -> device."""
-    from deployments.messages import EncodedRequest
-    from engine.prompts import PreparedPrompt
+    from vlora.deployments.messages import EncodedRequest
+    from vlora.engine.prompts import PreparedPrompt
 
     emb = torch.randn(256, out_hidden).to(device, dtype)
     prompt = PreparedPrompt.__new__(PreparedPrompt)  # the prompt's own cost is not the embeddings'
@@ -178,9 +178,9 @@ def time_serve(clients_list: list[int], n_requests: int) -> dict:
     import ray
     from ray import serve
 
-    from deployments.app import _deployment, prepare_config
-    from deployments.preprocessor import Preprocessor
-    from deployments.vision_encoder import VisionEncoderDeployment
+    from vlora.deployments.app import _deployment, prepare_config
+    from vlora.deployments.preprocessor import Preprocessor
+    from vlora.deployments.vision_encoder import VisionEncoderDeployment
 
     def chat(seed: int) -> list[dict]:
         """One user turn with a distinct 448x448 noise PNG (data URL) and a question."""

@@ -21,7 +21,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _client(args):
-    from client.client import VloraClient
+    from vlora.client.client import VloraClient
 
     return VloraClient(args.url, api_key=args.api_key, timeout=args.timeout, max_retries=args.retries,
                        admin_key=getattr(args, "admin_key", None))
@@ -76,7 +76,7 @@ def _stream_turn(client, messages: list[dict], args) -> str:
 
 
 def _cmd_chat(args) -> int:
-    from client.client import user_message
+    from vlora.client.client import user_message
 
     client = _client(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -138,7 +138,7 @@ def _cmd_health(args) -> int:
 
 # -- bench -----------------------------------------------------------------------------------
 def _cmd_bench(args) -> int:
-    from client.loadgen import BenchConfig, LoadGenerator, format_report, summarize
+    from vlora.client.loadgen import BenchConfig, LoadGenerator, format_report, summarize
 
     adapters = [a.strip() for a in (args.adapters or "").split(",") if a.strip()]
     cfg = BenchConfig(concurrency=args.concurrency, requests=args.requests, adapters=adapters,
@@ -269,7 +269,7 @@ def sparkline(values: list[float], width: int = 60) -> str:
 
 
 def _cmd_learn(args) -> int:
-    from client.client import load_examples
+    from vlora.client.client import load_examples
 
     examples = load_examples(args.data, args.image_dir)  # before anything is sent: bad data sends nothing
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
@@ -328,7 +328,7 @@ def _cmd_learn(args) -> int:
 
 # -- generate-data ---------------------------------------------------------------------------
 def _cmd_generate_data(args) -> int:
-    from client.datagen import DatagenConfig, format_summary, generate_data, load_prompts
+    from vlora.client.datagen import DatagenConfig, format_summary, generate_data, load_prompts
 
     cfg = DatagenConfig(student=args.student, teacher=args.teacher, concurrency=args.concurrency,
                         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
@@ -343,7 +343,7 @@ def _cmd_generate_data(args) -> int:
 
 # -- tiny-model ------------------------------------------------------------------------------
 def _cmd_tiny_model(args) -> int:
-    from engine.tiny import write_tiny_model
+    from vlora.engine.tiny import write_tiny_model
 
     out = write_tiny_model(args.dir, seed=args.seed)
     print(f"wrote tiny Qwen2.5-VL checkpoint to {out}")
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
     import openai
 
-    from client.client import VloraAPIError
+    from vlora.client.client import VloraAPIError
 
     try:
         return args.func(args)

@@ -381,7 +381,7 @@ class VloraClient:
         `teacher_prompt`); `options` are `client.datagen.DatagenConfig` fields (alpha_method,
         samples_per_prompt, concurrency, ...). Returns the run's summary dict. Runs its own event
         loop, so call it from synchronous code (async code: `client.datagen.run_datagen`)."""
-        from client.datagen import DatagenConfig, generate_data, load_prompts, prompt_from_record
+        from vlora.client.datagen import DatagenConfig, generate_data, load_prompts, prompt_from_record
 
         cfg = DatagenConfig(student=student, teacher=teacher, **options)
         if isinstance(prompts, (str, os.PathLike)):

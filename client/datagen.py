@@ -30,8 +30,8 @@ from typing import IO, Any
 
 import openai
 
-from client.client import prompt_messages, read_jsonl
-from client.loadgen import _error_key
+from vlora.client.client import prompt_messages, read_jsonl
+from vlora.client.loadgen import _error_key
 
 ALPHA_METHODS = ("fixed", "kl_symmetry", "reverse_kl_symmetry", "ess_balance", "entropy")
 

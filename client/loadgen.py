@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import openai
 
-from client.client import data_url
+from vlora.client.client import data_url
 
 # Prompt vocabulary: plain English words, so a byte-level BPE gives roughly one token each.
 WORDS = (

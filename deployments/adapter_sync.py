@@ -14,11 +14,11 @@ import time
 
 import ray
 
-from adapters.registry import AdapterNameError, AdapterNotFoundError
-from adapters.residency import AdapterResidency, Fetched
-from deployments.metrics import DecoderMetrics, get_logger
-from engine.engine import AsyncEngine
-from engine.lora_manager import UnknownAdapterError
+from vlora.adapters.registry import AdapterNameError, AdapterNotFoundError
+from vlora.adapters.residency import AdapterResidency, Fetched
+from vlora.deployments.metrics import DecoderMetrics, get_logger
+from vlora.engine.engine import AsyncEngine
+from vlora.engine.lora_manager import UnknownAdapterError
 
 log = get_logger("vlora.adapter_sync")
 POLL_S = 5.0  # long-poll timeout (the store answers at once on a change)

@@ -13,16 +13,16 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from adapters.folders import is_remote, split_uri
-from deployments import limits
-from deployments.config import AppConfig
-from deployments.decoder import Decoder
-from deployments.ingress import Ingress
-from deployments.placement import actor_options, gpu_shares
-from deployments.preprocessor import Preprocessor
-from deployments.routing import AdapterAffinityRouter
-from deployments.trainer import Trainer
-from deployments.vision_encoder import VisionEncoderDeployment
+from vlora.adapters.folders import is_remote, split_uri
+from vlora.deployments import limits
+from vlora.deployments.config import AppConfig
+from vlora.deployments.decoder import Decoder
+from vlora.deployments.ingress import Ingress
+from vlora.deployments.placement import actor_options, gpu_shares
+from vlora.deployments.preprocessor import Preprocessor
+from vlora.deployments.routing import AdapterAffinityRouter
+from vlora.deployments.trainer import Trainer
+from vlora.deployments.vision_encoder import VisionEncoderDeployment
 
 
 def _cluster_gpus() -> float:
@@ -66,8 +66,8 @@ def register_startup_adapters(config: AppConfig, store) -> list[dict]:
     an adapter whose current version already holds the same weights is left as it is."""
     import ray
 
-    from adapters.folders import read_files
-    from adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME
+    from vlora.adapters.folders import read_files
+    from vlora.adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME
 
     out = []
     for a in config.adapters:
@@ -90,13 +90,13 @@ def prepare_config(args: dict | AppConfig) -> AppConfig:
     if not os.path.exists(os.path.join(config.model_dir, "config.json")):
         if not config.generate_tiny_model_if_missing:
             raise FileNotFoundError(f"no checkpoint at {config.model_dir} (config.json missing)")
-        from engine.tiny import write_tiny_model
+        from vlora.engine.tiny import write_tiny_model
 
         write_tiny_model(config.model_dir)
     tp = config.engine.tensor_parallel_size
     if tp > 1:  # fail at `serve run`, not in every replica's constructor
-        from engine.model import TextConfig
-        from engine.tp import ShardPlan
+        from vlora.engine.model import TextConfig
+        from vlora.engine.tp import ShardPlan
 
         tc = TextConfig.from_pretrained(config.model_dir)
         ShardPlan(0, tp, vocab_parallel=True).check(tc.num_heads, tc.num_kv_heads, tc.intermediate_size, tc.vocab_size)
@@ -106,7 +106,7 @@ def prepare_config(args: dict | AppConfig) -> AppConfig:
 def build_app(args: dict | AppConfig | None = None) -> Application:
     import ray
 
-    from adapters.store import get_or_create_store
+    from vlora.adapters.store import get_or_create_store
 
     config = prepare_config(args or {})
     if not ray.is_initialized():

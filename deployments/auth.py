@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 
-from deployments.openai_api import ApiError
+from vlora.deployments.openai_api import ApiError
 
 _MISSING = "missing API key: send 'Authorization: Bearer <key>'"
 

@@ -11,21 +11,21 @@ from contextlib import asynccontextmanager
 
 import torch
 
-from deployments.adapter_sync import AdapterSync
-from deployments.config import AppConfig
-from deployments.errors import to_api_error
-from deployments.messages import EncodedRequest, PreparedRequest
-from deployments.metrics import DecoderMetrics, get_logger
-from deployments.openai_api import ApiError
-from deployments.placement import resolve_device_dtype
-from deployments.routing import push_held_adapters
-from deployments.tp_workers import TPWorkers
-from engine.config import EngineConfig
-from engine.engine import AsyncEngine, LLMEngine
-from engine.engine_process import EngineProcess
-from engine.optimal_sampling import OptimalSamplingParams
-from engine.outputs import RequestOutput
-from engine.sampling import SamplingParams
+from vlora.deployments.adapter_sync import AdapterSync
+from vlora.deployments.config import AppConfig
+from vlora.deployments.errors import to_api_error
+from vlora.deployments.messages import EncodedRequest, PreparedRequest
+from vlora.deployments.metrics import DecoderMetrics, get_logger
+from vlora.deployments.openai_api import ApiError
+from vlora.deployments.placement import resolve_device_dtype
+from vlora.deployments.routing import push_held_adapters
+from vlora.deployments.tp_workers import TPWorkers
+from vlora.engine.config import EngineConfig
+from vlora.engine.engine import AsyncEngine, LLMEngine
+from vlora.engine.engine_process import EngineProcess
+from vlora.engine.optimal_sampling import OptimalSamplingParams
+from vlora.engine.outputs import RequestOutput
+from vlora.engine.sampling import SamplingParams
 
 log = get_logger("vlora.decoder")
 METRICS_INTERVAL_S = 0.5  # how often the engine gauges are refreshed

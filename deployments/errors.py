@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from adapters.folders import AdapterPathError, AdapterSourceNotFoundError
-from adapters.peft_io import AdapterFormatError
-from adapters.registry import AdapterConflictError, AdapterCorruptError, AdapterNameError, AdapterNotFoundError
-from adapters.residency import AdapterCacheFullError
-from adapters.store import PublishTimeoutError, StoreConfigError
-from deployments.openai_api import ApiError
-from engine.engine import ContextLengthError, EngineDeadError, RequestError
-from engine.images import ImageError
-from engine.lora import LoRASlotError
-from engine.lora_manager import UnknownAdapterError
-from engine.prompts import PromptError
+from vlora.adapters.folders import AdapterPathError, AdapterSourceNotFoundError
+from vlora.adapters.peft_io import AdapterFormatError
+from vlora.adapters.registry import AdapterConflictError, AdapterCorruptError, AdapterNameError, AdapterNotFoundError
+from vlora.adapters.residency import AdapterCacheFullError
+from vlora.adapters.store import PublishTimeoutError, StoreConfigError
+from vlora.deployments.openai_api import ApiError
+from vlora.engine.engine import ContextLengthError, EngineDeadError, RequestError
+from vlora.engine.images import ImageError
+from vlora.engine.lora import LoRASlotError
+from vlora.engine.lora_manager import UnknownAdapterError
+from vlora.engine.prompts import PromptError
 
 
 def to_api_error(exc: BaseException) -> ApiError | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from deployments.metrics import get_logger
+from vlora.deployments.metrics import get_logger
 
 log = get_logger("vlora.health")
 PROBE_TIMEOUT_S = 10.0

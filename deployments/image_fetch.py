@@ -20,7 +20,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable
 
-from engine.images import ImageLoadPolicy, ImageSourceError
+from vlora.engine.images import ImageLoadPolicy, ImageSourceError
 
 log = logging.getLogger("vlora.image_fetch")
 

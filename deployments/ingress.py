@@ -21,16 +21,16 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException
 
-from deployments import limits
-from deployments.auth import KeyCheck
-from deployments.config import AppConfig
-from deployments.errors import api_error_for
-from deployments.health import health_report
-from deployments.metrics import IngressMetrics, RequestRecord, api_snapshot, get_logger
-from deployments.metrics_hub import get_hub as get_metrics_hub, render as render_metrics
-from deployments.prompt_batch import MergedStream, PromptBatch
-from deployments.prompt_routes import PromptRoutes, has_images
-from deployments.openai_api import (
+from vlora.deployments import limits
+from vlora.deployments.auth import KeyCheck
+from vlora.deployments.config import AppConfig
+from vlora.deployments.errors import api_error_for
+from vlora.deployments.health import health_report
+from vlora.deployments.metrics import IngressMetrics, RequestRecord, api_snapshot, get_logger
+from vlora.deployments.metrics_hub import get_hub as get_metrics_hub, render as render_metrics
+from vlora.deployments.prompt_batch import MergedStream, PromptBatch
+from vlora.deployments.prompt_routes import PromptRoutes, has_images
+from vlora.deployments.openai_api import (
     SSE_DONE,
     ApiError,
     attach_diagnostics,
@@ -47,9 +47,9 @@ from deployments.openai_api import (
     tokenize_response,
     validation_error_to_api_error,
 )
-from deployments import structured_api
-from engine.model import TextConfig
-from engine.outputs import RequestOutput
+from vlora.deployments import structured_api
+from vlora.engine.model import TextConfig
+from vlora.engine.outputs import RequestOutput
 
 log = get_logger("vlora.ingress")
 

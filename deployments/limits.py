@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from deployments.openai_api import ApiError
+from vlora.deployments.openai_api import ApiError
 
 RESERVED_ADAPTER_NAMES = ("base",)  # plus the served model's own name
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.prompts import PreparedPrompt
+from vlora.engine.prompts import PreparedPrompt
 
 
 @dataclass(slots=True)

@@ -230,7 +230,7 @@ def start_api_push() -> None:
 def _push_forever() -> None:
     from ray import serve
 
-    from deployments.metrics_hub import get_hub
+    from vlora.deployments.metrics_hub import get_hub
 
     ctx = serve.get_replica_context()
     replica, deployment = ctx.replica_id.unique_id, ctx.deployment

@@ -12,7 +12,7 @@ import time
 
 import ray
 
-from deployments.metrics import API_STALE_S
+from vlora.deployments.metrics import API_STALE_S
 
 HUB_NAMESPACE = "vlora"
 

@@ -18,9 +18,9 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from engine.optimal_sampling import OptimalSamplingParams
-from engine.outputs import ChoiceDelta, TokenLogprob
-from engine.sampling import MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams
+from vlora.engine.optimal_sampling import OptimalSamplingParams
+from vlora.engine.outputs import ChoiceDelta, TokenLogprob
+from vlora.engine.sampling import MAX_N, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, SamplingParams
 
 __all__ = [
     "ApiError",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deployments.config import AppConfig, ReplicaConfig
+from vlora.deployments.config import AppConfig, ReplicaConfig
 
 
 def resolve_device_dtype(config: AppConfig) -> tuple[str, str]:

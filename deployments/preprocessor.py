@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import time
 
-from deployments.config import AppConfig
-from deployments.errors import to_api_error
-from deployments.image_fetch import image_load_policy
-from deployments.messages import PreparedRequest
-from deployments.metrics import PreprocessMetrics
-from deployments.openai_api import ApiError
-from engine.images import ImageTransform, finish_decode, open_image, read_image_bytes
-from engine.model import TextConfig
-from engine.prompts import PromptBuilder
+from vlora.deployments.config import AppConfig
+from vlora.deployments.errors import to_api_error
+from vlora.deployments.image_fetch import image_load_policy
+from vlora.deployments.messages import PreparedRequest
+from vlora.deployments.metrics import PreprocessMetrics
+from vlora.deployments.openai_api import ApiError
+from vlora.engine.images import ImageTransform, finish_decode, open_image, read_image_bytes
+from vlora.engine.model import TextConfig
+from vlora.engine.prompts import PromptBuilder
 
 
 def context_length_error(num_tokens: int, max_model_len: int) -> ApiError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from engine.outputs import RequestOutput
+from vlora.engine.outputs import RequestOutput
 
 
 class PromptBatch:

@@ -9,10 +9,10 @@ Ingress hands the Decoder that chain's response without awaiting it.
 
 from __future__ import annotations
 
-from deployments.errors import to_api_error
-from deployments.messages import PreparedRequest
-from deployments.openai_api import ApiError
-from engine.prompts import PromptBuilder, PromptError
+from vlora.deployments.errors import to_api_error
+from vlora.deployments.messages import PreparedRequest
+from vlora.deployments.openai_api import ApiError
+from vlora.engine.prompts import PromptBuilder, PromptError
 
 
 def has_images(messages: list[dict]) -> bool:

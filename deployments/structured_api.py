@@ -14,10 +14,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from deployments.openai_api import ApiError
-from engine.grammar import GrammarError, GrammarSpec, check_spec
-from engine.outputs import ChoiceDelta
-from engine.tools import ToolCall, ToolCallStream, parse_tool_calls
+from vlora.deployments.openai_api import ApiError
+from vlora.engine.grammar import GrammarError, GrammarSpec, check_spec
+from vlora.engine.outputs import ChoiceDelta
+from vlora.engine.tools import ToolCall, ToolCallStream, parse_tool_calls
 
 STRUCTURED_OUTPUT_KEYS = ("json", "regex", "choice", "json_object")
 _UNSUPPORTED_STRUCTURED = ("grammar", "structural_tag", "whitespace_pattern")

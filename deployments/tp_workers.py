@@ -14,9 +14,9 @@ import os
 
 import ray
 
-from deployments.metrics import get_logger
-from engine.config import EngineConfig
-from engine.tp import TPSpec, free_port
+from vlora.deployments.metrics import get_logger
+from vlora.engine.config import EngineConfig
+from vlora.engine.tp import TPSpec, free_port
 
 log = get_logger("vlora.tp")
 
@@ -24,7 +24,7 @@ log = get_logger("vlora.tp")
 @ray.remote(max_concurrency=2)  # `run` holds one thread for the worker's life; `ping` answers on the other
 class TPWorker:
     def run(self, config: EngineConfig, spec: TPSpec) -> int:
-        from engine.tp_worker import run_worker
+        from vlora.engine.tp_worker import run_worker
 
         try:
             return run_worker(config, spec)

@@ -16,16 +16,16 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from adapters.jobs import new_job_id
-from adapters.registry import validate_adapter_name
-from adapters.trainer import LoRATrainer, TrainingDataError, TrainingDivergedError
-from deployments.config import AppConfig
-from deployments.errors import find_api_error
-from deployments.image_fetch import image_load_policy
-from deployments.metrics import TrainerMetrics
-from deployments.openai_api import ApiError
-from deployments.placement import resolve_device_dtype
-from engine.config import LORA_TARGET_MODULES
+from vlora.adapters.jobs import new_job_id
+from vlora.adapters.registry import validate_adapter_name
+from vlora.adapters.trainer import LoRATrainer, TrainingDataError, TrainingDivergedError
+from vlora.deployments.config import AppConfig
+from vlora.deployments.errors import find_api_error
+from vlora.deployments.image_fetch import image_load_policy
+from vlora.deployments.metrics import TrainerMetrics
+from vlora.deployments.openai_api import ApiError
+from vlora.deployments.placement import resolve_device_dtype
+from vlora.engine.config import LORA_TARGET_MODULES
 
 
 def _is_int(v) -> bool:

@@ -15,12 +15,12 @@ from collections import deque
 import torch
 from ray import serve
 
-from deployments.config import AppConfig
-from deployments.messages import EncodedRequest, PreparedRequest
-from deployments.metrics import VisionMetrics, in_replica
-from deployments.placement import resolve_device_dtype
-from engine.embedding_cache import EmbeddingCache
-from engine.vision import VisionEncoder
+from vlora.deployments.config import AppConfig
+from vlora.deployments.messages import EncodedRequest, PreparedRequest
+from vlora.deployments.metrics import VisionMetrics, in_replica
+from vlora.deployments.placement import resolve_device_dtype
+from vlora.engine.embedding_cache import EmbeddingCache
+from vlora.engine.vision import VisionEncoder
 
 RECENT_BATCHES = 64  # batch sizes kept for stats()
 

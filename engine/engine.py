@@ -23,22 +23,22 @@ from typing import Any
 
 import torch
 
-from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer, StopChecker
-from engine.grammar import GrammarCache
-from engine.kv_cache import KVBlockPool
-from engine.lora import LoRAWeights
-from engine.lora_manager import LoRAManager
-from engine.model_runner import ModelRunner
-from engine.model_shard import load_model_shard
-from engine.optimal_sampling import OptimalSampler, OptimalSamplingParams
-from engine.output_stream import OutputStream, merge_outputs
-from engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
-from engine.sampling import RowState, Sampler, SamplingParams, apply_grammar_masks, grammar_masks
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SeqStatus
-from engine.tp import TPGroup, TPSpec
-from engine.tp_worker import TPDriver
+from vlora.engine.config import EngineConfig
+from vlora.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from vlora.engine.grammar import GrammarCache
+from vlora.engine.kv_cache import KVBlockPool
+from vlora.engine.lora import LoRAWeights
+from vlora.engine.lora_manager import LoRAManager
+from vlora.engine.model_runner import ModelRunner
+from vlora.engine.model_shard import load_model_shard
+from vlora.engine.optimal_sampling import OptimalSampler, OptimalSamplingParams
+from vlora.engine.output_stream import OutputStream, merge_outputs
+from vlora.engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
+from vlora.engine.sampling import RowState, Sampler, SamplingParams, apply_grammar_masks, grammar_masks
+from vlora.engine.scheduler import Scheduler
+from vlora.engine.sequence import Sequence, SeqStatus
+from vlora.engine.tp import TPGroup, TPSpec
+from vlora.engine.tp_worker import TPDriver
 
 log = logging.getLogger(__name__)
 

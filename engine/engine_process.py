@@ -37,12 +37,12 @@ from typing import Any
 
 import torch
 
-from engine.config import EngineConfig
-from engine.engine import EngineDeadError, EngineFrontend, LLMEngine
-from engine.output_stream import OutputStream, merge_outputs
-from engine.outputs import RequestOutput
-from engine.sampling import SamplingParams
-from engine.tp import TPSpec
+from vlora.engine.config import EngineConfig
+from vlora.engine.engine import EngineDeadError, EngineFrontend, LLMEngine
+from vlora.engine.output_stream import OutputStream, merge_outputs
+from vlora.engine.outputs import RequestOutput
+from vlora.engine.sampling import SamplingParams
+from vlora.engine.tp import TPSpec
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class EngineProcess(EngineFrontend):
 
         ours, theirs = socket.socketpair()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.engine_process", str(theirs.fileno())],
+            [sys.executable, "-m", "vlora.engine.engine_process", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),), env={**os.environ, "VLORA_TORCH_THREADS": str(torch.get_num_threads())})
         theirs.close()
         self._conn = Connection(ours.detach())

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.tp import ShardPlan
+from vlora.engine.tp import ShardPlan
 
 
 @dataclass(slots=True)

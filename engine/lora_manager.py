@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from engine.lora import AdapterSlots, LoRAWeights
+from vlora.engine.lora import AdapterSlots, LoRAWeights
 
 
 @dataclass(slots=True)

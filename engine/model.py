@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention
-from engine.lora import AdapterSlots, LoRABatch, apply_lora
-from engine.tp import ShardPlan, TPGroup, shard_range
-from engine.weights import iter_tensors
+from vlora.engine.attention import AttentionMetadata, paged_attention
+from vlora.engine.lora import AdapterSlots, LoRABatch, apply_lora
+from vlora.engine.tp import ShardPlan, TPGroup, shard_range
+from vlora.engine.weights import iter_tensors
 
 _LM_PREFIXES = ("model.language_model.", "model.")  # transformers >= 4.52 layout, then the hub layout
 

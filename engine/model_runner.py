@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttentionMetadata, decode_index
-from engine.kv_cache import KVCache
-from engine.lora import AdapterSlots, LoRABatch
-from engine.model import QwenTextModel
-from engine.scheduler import ScheduledBatch
-from engine.sequence import Sequence
+from vlora.engine.attention import AttentionMetadata, decode_index
+from vlora.engine.kv_cache import KVCache
+from vlora.engine.lora import AdapterSlots, LoRABatch
+from vlora.engine.model import QwenTextModel
+from vlora.engine.scheduler import ScheduledBatch
+from vlora.engine.sequence import Sequence
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:

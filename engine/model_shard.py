@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import LORA_TARGET_MODULES, EngineConfig
-from engine.kv_cache import KVCache
-from engine.lora import AdapterSlots
-from engine.model import QwenTextModel
-from engine.tp import TPGroup
+from vlora.engine.config import LORA_TARGET_MODULES, EngineConfig
+from vlora.engine.kv_cache import KVCache
+from vlora.engine.lora import AdapterSlots
+from vlora.engine.model import QwenTextModel
+from vlora.engine.tp import TPGroup
 
 
 @dataclass(slots=True)

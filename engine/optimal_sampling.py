@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from engine.sampling import (
+from vlora.engine.sampling import (
     RowState,
     Sampler,
     SamplingParams,

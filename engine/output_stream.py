@@ -14,7 +14,7 @@ import math
 import threading
 import time
 
-from engine.outputs import ChoiceDelta, RequestOutput
+from vlora.engine.outputs import ChoiceDelta, RequestOutput
 
 
 def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from engine.tools import TOOLS_CHAT_TEMPLATE, template_renders_tools
+from vlora.engine.tools import TOOLS_CHAT_TEMPLATE, template_renders_tools
 
 ImageGrid = tuple[int, int, int]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from engine.grammar import GrammarSpec, unpack_bitmask
+from vlora.engine.grammar import GrammarSpec, unpack_bitmask
 
 MAX_STOP_STRINGS = 16
 MAX_N = 16

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.kv_cache import KVBlockPool
-from engine.sequence import Sequence, SeqStatus
+from vlora.engine.kv_cache import KVBlockPool
+from vlora.engine.sequence import Sequence, SeqStatus
 
 
 @dataclass(slots=True)

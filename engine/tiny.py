@@ -87,7 +87,7 @@ def _train_tokenizer(vocab_size: int):
     """Byte-level BPE trained on the shipped corpus, Qwen specials appended after the BPE vocab."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    corpus = resources.files("engine.data").joinpath("corpus.txt").read_text(encoding="utf-8")
+    corpus = resources.files("vlora.engine.data").joinpath("corpus.txt").read_text(encoding="utf-8")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

@@ -15,11 +15,11 @@ import logging
 
 import torch
 
-from engine.config import EngineConfig
-from engine.lora import AdapterSlots
-from engine.model import QwenTextModel
-from engine.model_shard import load_model_shard
-from engine.tp import TPGroup, TPSpec
+from vlora.engine.config import EngineConfig
+from vlora.engine.lora import AdapterSlots
+from vlora.engine.model import QwenTextModel
+from vlora.engine.model_shard import load_model_shard
+from vlora.engine.tp import TPGroup, TPSpec
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from engine.vision_tower import VisionConfig, VisionTower
-from engine.weights import iter_tensors
+from vlora.engine.vision_tower import VisionConfig, VisionTower
+from vlora.engine.weights import iter_tensors
 
 # Transformers 5 saves the tower under `model.visual.`; checkpoints saved by 4.x (the hub's
 # Qwen2.5-VL-*-Instruct) use `visual.`.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.tiny import write_tiny_model
+from vlora.engine.tiny import write_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,7 @@ def serve_instance(tiny_model_dir, tmp_path_factory, hf_model):
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from vlora.deployments.app import build_app
 
     port = _free_port()
     metrics_port = _free_port()  # Ray's Prometheus endpoint (the node's metrics agent), read by test_metrics.py

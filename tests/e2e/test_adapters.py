@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.app import decoder_stats
+from vlora.deployments.app import decoder_stats
 from tests.e2e.conftest import ADMIN_KEY, API_KEY
 from tests.unit.oracle import peft_model, random_peft_adapter
 
@@ -160,7 +160,7 @@ def test_versions_are_monotone_under_streaming_load_while_learning(colours, base
 def test_restart_of_store_and_a_decoder_replica_loses_nothing(colours, base_url, client, serve_instance):
     import ray
 
-    from adapters.store import STORE_NAMESPACE, store_actor_name
+    from vlora.adapters.store import STORE_NAMESPACE, store_actor_name
 
     listed = httpx.get(f"{base_url}/v1/adapters", headers=ADMIN).json()["data"]
     before = {img: answers_by_replica(client, "colours", img, n=8) for img in (RED, BLUE)}

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from deployments.app import decoder_stats
+from vlora.deployments.app import decoder_stats
 from tests.e2e.conftest import ADMIN_KEY, API_KEY
 from tests.e2e.test_adapters import assert_served_like_hf_peft
 from tests.unit.oracle import random_peft_adapter

@@ -20,12 +20,12 @@ import ray
 import torch
 from ray import serve
 
-from adapters.peft_io import save_peft_adapter
-from adapters.store import get_store
-from deployments.app import decoder_stats
-from engine.config import LORA_TARGET_MODULES
-from engine.lora import LoRAWeights
-from engine.model import TextConfig
+from vlora.adapters.peft_io import save_peft_adapter
+from vlora.adapters.store import get_store
+from vlora.deployments.app import decoder_stats
+from vlora.engine.config import LORA_TARGET_MODULES
+from vlora.engine.lora import LoRAWeights
+from vlora.engine.model import TextConfig
 from tests.e2e.conftest import ACK_TIMEOUT_S, ADMIN_KEY, API_KEY, FLEET_ADAPTER_BYTES
 from tests.e2e.test_adapters import assert_served_like_hf_peft
 from tests.e2e.test_metrics import per_replica, scrape
@@ -276,7 +276,7 @@ def test_store_restart_then_publish_still_waits_for_every_replica(fleet, base_ur
     for both (the restarted store knows its replicas from disk) and answer 504 naming both."""
     name = fleet_name(903)
     replicas = _drill_each_replica("pause_adapter_sync_drill", ACK_TIMEOUT_S + 6, name)
-    from adapters.store import STORE_NAMESPACE, store_actor_name
+    from vlora.adapters.store import STORE_NAMESPACE, store_actor_name
 
     ray.kill(ray.get_actor(store_actor_name(str(serve_instance["store"])), namespace=STORE_NAMESPACE),
              no_restart=False)

@@ -20,7 +20,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deployments.app import decoder_stats
+from vlora.deployments.app import decoder_stats
 from tests.e2e.conftest import ADMIN_KEY, API_KEY
 from tests.unit.oracle import random_image
 from tests.unit.test_dashboard import DASHBOARD, dashboard_metric_names

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from client.cli import main as vlora
+from vlora.client.cli import main as vlora
 from tests.e2e.conftest import ADMIN_KEY, API_KEY
 from tests.unit.oracle import hf_logits, peft_model, random_peft_adapter
 from tests.unit.test_engine_optimal import expected_diagnostics

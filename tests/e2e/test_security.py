@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from deployments.app import decoder_stats
+from vlora.deployments.app import decoder_stats
 from tests.e2e.conftest import ADMIN_KEY, API_KEY
 
 pytestmark = pytest.mark.e2e

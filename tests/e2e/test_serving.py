@@ -11,13 +11,13 @@ import httpx
 import openai
 import pytest
 
-from deployments.config import AppConfig
-from deployments.preprocessor import Preprocessor
-from deployments.vision_encoder import VisionEncoderDeployment
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.sampling import SamplingParams
-from deployments.app import decoder_stats
+from vlora.deployments.config import AppConfig
+from vlora.deployments.preprocessor import Preprocessor
+from vlora.deployments.vision_encoder import VisionEncoderDeployment
+from vlora.engine.config import EngineConfig
+from vlora.engine.engine import LLMEngine
+from vlora.engine.sampling import SamplingParams
+from vlora.deployments.app import decoder_stats
 from tests.e2e.conftest import API_KEY
 from tests.unit.oracle import random_image
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from deployments.app import decoder_stats
+from vlora.deployments.app import decoder_stats
 from tests.e2e.test_security import AUTH, assert_serves, health, user
 
 pytestmark = pytest.mark.e2e

@@ -8,10 +8,10 @@ import asyncio
 import pytest
 import torch
 
-from deployments.app import _deployment, prepare_config
-from deployments.preprocessor import Preprocessor
-from deployments.vision_encoder import VisionEncoderDeployment
-from engine.vision import VisionEncoder
+from vlora.deployments.app import _deployment, prepare_config
+from vlora.deployments.preprocessor import Preprocessor
+from vlora.deployments.vision_encoder import VisionEncoderDeployment
+from vlora.engine.vision import VisionEncoder
 from tests.e2e.conftest import base_config
 from tests.e2e.test_serving import data_url, user
 

@@ -41,7 +41,7 @@ def random_peft_adapter(base_model, out_dir, seed: int, r: int, alpha: float, us
     """Save a PEFT LoRA with random A and B (PEFT inits B to zero, which would test nothing)."""
     from peft import LoraConfig, get_peft_model
 
-    from adapters.peft_io import peft_target_regex
+    from vlora.adapters.peft_io import peft_target_regex
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora, target_modules=peft_target_regex(targets))
     torch.manual_seed(seed)

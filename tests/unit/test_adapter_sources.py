@@ -7,14 +7,14 @@ from __future__ import annotations
 import fsspec
 import pytest
 
-from adapters.folders import AdapterPathError, AdapterSourceNotFoundError, read_files
-from adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME
-from adapters.registry import AdapterRegistry
-from deployments.app import prepare_config
-from deployments.errors import api_error_for
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.sampling import SamplingParams
+from vlora.adapters.folders import AdapterPathError, AdapterSourceNotFoundError, read_files
+from vlora.adapters.peft_io import CONFIG_NAME, WEIGHTS_NAME
+from vlora.adapters.registry import AdapterRegistry
+from vlora.deployments.app import prepare_config
+from vlora.deployments.errors import api_error_for
+from vlora.engine.config import EngineConfig
+from vlora.engine.engine import LLMEngine
+from vlora.engine.sampling import SamplingParams
 from tests.unit.oracle import peft_generate, random_peft_adapter
 
 NAMES = (CONFIG_NAME, WEIGHTS_NAME)

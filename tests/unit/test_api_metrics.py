@@ -7,8 +7,8 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from deployments.metrics import VLLM_NAMES, DecoderMetrics, api_name, api_snapshot, define_all
-from deployments.metrics_hub import MetricsHub, render
+from vlora.deployments.metrics import VLLM_NAMES, DecoderMetrics, api_name, api_snapshot, define_all
+from vlora.deployments.metrics_hub import MetricsHub, render
 from tests.unit.test_conformance import GREEDY, config, decoder, ingress, run  # noqa: F401 - fixtures
 
 

@@ -16,8 +16,8 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from client import VloraClient, image_part, user_message
-from client.cli import build_parser, main
+from vlora.client import VloraClient, image_part, user_message
+from vlora.client.cli import build_parser, main
 from tests.unit.fake_server import SSE, FakeServer, server_fixture
 
 BASE = "tiny-qwen"

@@ -17,8 +17,8 @@ import time
 import pytest
 from PIL import Image
 
-from client.cli import SPARK, build_parser, main, sparkline
-from client.client import VloraAPIError, VloraClient, example_from_record, load_examples
+from vlora.client.cli import SPARK, build_parser, main, sparkline
+from vlora.client.client import VloraAPIError, VloraClient, example_from_record, load_examples
 from tests.unit.fake_server import FakeServer, server_fixture
 
 ADMIN = "adm1n"

@@ -14,11 +14,11 @@ import torch
 import pytest
 from ray import serve
 
-from deployments.config import AppConfig
-from deployments.decoder import Decoder
-from deployments.ingress import Ingress, app
-from deployments.preprocessor import Preprocessor
-from engine.sampling import SamplingParams
+from vlora.deployments.config import AppConfig
+from vlora.deployments.decoder import Decoder
+from vlora.deployments.ingress import Ingress, app
+from vlora.deployments.preprocessor import Preprocessor
+from vlora.engine.sampling import SamplingParams
 from tests.unit.test_deadlines import Handle, Store, Trainer, idle, sse_events
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.metrics import define_all, exported_names
+from vlora.deployments.metrics import define_all, exported_names
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deployments" / "grafana_dashboard.json"
 

@@ -19,10 +19,10 @@ import openai
 import pytest
 from PIL import Image
 
-from client import VloraClient
-from client.cli import main
-from client.client import load_examples
-from client.datagen import DatagenConfig, load_prompts, record_from_response
+from vlora.client import VloraClient
+from vlora.client.cli import main
+from vlora.client.client import load_examples
+from vlora.client.datagen import DatagenConfig, load_prompts, record_from_response
 from tests.unit.fake_server import FakeServer, server_fixture
 
 BASE = "tiny-qwen"

@@ -15,10 +15,10 @@ import httpx
 import pytest
 from ray import serve
 
-from deployments.config import AppConfig
-from deployments.decoder import Decoder
-from deployments.ingress import Ingress, app
-from deployments.preprocessor import Preprocessor
+from vlora.deployments.config import AppConfig
+from vlora.deployments.decoder import Decoder
+from vlora.deployments.ingress import Ingress, app
+from vlora.deployments.preprocessor import Preprocessor
 
 
 class Response:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer, StopChecker, find_stop
+from vlora.engine.detokenizer import IncrementalDetokenizer, StopChecker, find_stop
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

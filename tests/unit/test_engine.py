@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.peft_io import load_peft_adapter
-from engine.config import EngineConfig
-from engine.engine import LLMEngine, RequestError
-from engine.lora import LoRAWeights
-from engine.model import QwenTextModel
-from engine.attention import AttentionMetadata
-from engine.kv_cache import KVCache
-from engine.prompts import PromptBuilder
-from engine.sampling import SamplingParams
-from engine.vision import VisionEncoder
+from vlora.adapters.peft_io import load_peft_adapter
+from vlora.engine.config import EngineConfig
+from vlora.engine.engine import LLMEngine, RequestError
+from vlora.engine.lora import LoRAWeights
+from vlora.engine.model import QwenTextModel
+from vlora.engine.attention import AttentionMetadata
+from vlora.engine.kv_cache import KVCache
+from vlora.engine.prompts import PromptBuilder
+from vlora.engine.sampling import SamplingParams
+from vlora.engine.vision import VisionEncoder
 from tests.unit.oracle import hf_generate, hf_logits, peft_generate, random_image, random_peft_adapter
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -226,7 +226,7 @@ def test_a_new_version_serves_new_requests_while_running_ones_finish_on_theirs(e
 
 
 def test_adapter_rank_above_max_is_refused_without_changing_anything(engine, peft_adapters, tokenizer):
-    from engine.lora import LoRASlotError
+    from vlora.engine.lora import LoRASlotError
 
     w = load_peft_adapter(peft_adapters["a2"])[0]
     big = LoRAWeights(16, 1.0, {k: (torch.zeros(16, a.shape[1]), torch.zeros(b.shape[0], 16))
@@ -338,7 +338,7 @@ def test_request_errors(engine, tokenizer):
         engine.add_request([10**6], SamplingParams())
     with pytest.raises(RequestError, match="1 image tokens but 0 image embedding rows"):
         engine.add_request([engine.model.cfg.image_token_id, 5], SamplingParams())
-    from engine.lora_manager import UnknownAdapterError
+    from vlora.engine.lora_manager import UnknownAdapterError
 
     with pytest.raises(UnknownAdapterError, match="adapter 'nope' is not loaded"):
         engine.add_request([5, 6], SamplingParams(), adapter="nope")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from adapters.peft_io import load_peft_adapter
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.lora import LoRASlotError, LoRAWeights
-from engine.sampling import SamplingParams
+from vlora.adapters.peft_io import load_peft_adapter
+from vlora.engine.config import EngineConfig
+from vlora.engine.engine import LLMEngine
+from vlora.engine.lora import LoRASlotError, LoRAWeights
+from vlora.engine.sampling import SamplingParams
 from tests.unit.oracle import hf_generate, peft_generate, random_peft_adapter
 
 GREEDY = dict(temperature=0, ignore_eos=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.peft_io import load_peft_adapter
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.lora_manager import UnknownAdapterError
-from engine.optimal_sampling import OptimalSamplingParams
-from engine.sampling import SamplingParams
+from vlora.adapters.peft_io import load_peft_adapter
+from vlora.engine.config import EngineConfig
+from vlora.engine.engine import LLMEngine
+from vlora.engine.lora_manager import UnknownAdapterError
+from vlora.engine.optimal_sampling import OptimalSamplingParams
+from vlora.engine.sampling import SamplingParams
 from tests.unit.oracle import hf_logits, peft_model, random_peft_adapter
 
 

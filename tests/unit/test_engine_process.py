@@ -10,13 +10,13 @@ import time
 import pytest
 from ray import cloudpickle
 
-from adapters.peft_io import load_peft_adapter
-from engine.config import EngineConfig
-from engine.engine import EngineDeadError, LLMEngine, RequestError
-from engine.engine_process import EngineProcess
-from engine.prompts import PromptBuilder
-from engine.sampling import SamplingParams
-from engine.vision import VisionEncoder
+from vlora.adapters.peft_io import load_peft_adapter
+from vlora.engine.config import EngineConfig
+from vlora.engine.engine import EngineDeadError, LLMEngine, RequestError
+from vlora.engine.engine_process import EngineProcess
+from vlora.engine.prompts import PromptBuilder
+from vlora.engine.sampling import SamplingParams
+from vlora.engine.vision import VisionEncoder
 from tests.unit.oracle import hf_generate, peft_generate, random_image, random_peft_adapter
 
 GREEDY = dict(temperature=0, ignore_eos=True)
@@ -165,7 +165,7 @@ def test_a_model_that_cannot_load_fails_the_start_with_the_reason(tmp_path):
 
 
 def test_grammars_compile_off_the_loop_and_constrain_the_output(proc, tokenizer):
-    from engine.grammar import GrammarError, GrammarSpec
+    from vlora.engine.grammar import GrammarError, GrammarSpec
 
     prompt = tokenizer("Pick a colour:").input_ids
     choices = ["red", "green", "blue"]

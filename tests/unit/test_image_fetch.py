@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.image_fetch import ImageFetcher, is_public_address
-from engine.images import ImageLoadPolicy, ImageSourceError, load_image
+from vlora.deployments.image_fetch import ImageFetcher, is_public_address
+from vlora.engine.images import ImageLoadPolicy, ImageSourceError, load_image
 
 
 def png(h: int = 20, w: int = 30) -> bytes:

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.images import (
+from vlora.engine.images import (
     ImageAspectRatioError,
     ImageDecodeError,
     ImageError,

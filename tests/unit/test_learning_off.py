@@ -8,8 +8,8 @@ import types
 
 from ray import serve
 
-from deployments.config import AppConfig
-from deployments.ingress import Ingress
+from vlora.deployments.config import AppConfig
+from vlora.deployments.ingress import Ingress
 from tests.unit.test_deadlines import Handle, Store, client
 
 

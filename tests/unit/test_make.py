@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.launch import base_url, wait_until_ready
+from vlora.deployments.launch import base_url, wait_until_ready
 from tests.unit.fake_server import FakeServer
 
 ROOT = Path(__file__).resolve().parents[2]

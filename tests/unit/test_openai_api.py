@@ -15,7 +15,7 @@ import pydantic
 import pytest
 
 import openai._base_client as _sdk_base
-from deployments.openai_api import (
+from vlora.deployments.openai_api import (
     SSE_DONE,
     ApiError,
     ChatCompletionRequest,
@@ -28,8 +28,8 @@ from deployments.openai_api import (
     sse,
     validation_error_to_api_error,
 )
-from engine.outputs import ChoiceDelta, TokenLogprob
-from engine.sampling import SamplingParams
+from vlora.engine.outputs import ChoiceDelta, TokenLogprob
+from vlora.engine.sampling import SamplingParams
 
 # The HTTP library the installed SDK is built on (httpx, or httpx2 in newer SDKs).
 hx = getattr(_sdk_base, "httpx2", None) or _sdk_base.httpx
@@ -483,7 +483,7 @@ def test_optimal_sampling_validation(options, message):
 
 
 def test_optimal_sampling_summary_and_attach():
-    from deployments.openai_api import attach_diagnostics
+    from vlora.deployments.openai_api import attach_diagnostics
 
     diags = [{"alpha": 0.2, "ess_ratio": 1.0}, {"alpha": 0.4, "ess_ratio": 0.5}]
     body = attach_diagnostics({"choices": [{"index": 0}, {"index": 1}]}, {1: diags}, summary=True)

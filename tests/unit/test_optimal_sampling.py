@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from engine.optimal_sampling import (
+from vlora.engine.optimal_sampling import (
     ALPHA_METHODS,
     OptimalSampler,
     OptimalSamplingParams,
@@ -18,7 +18,7 @@ from engine.optimal_sampling import (
     mix,
     solve_alpha,
 )
-from engine.sampling import RowState, Sampler, SamplingParams
+from vlora.engine.sampling import RowState, Sampler, SamplingParams
 
 F64 = torch.float64
 
@@ -113,7 +113,7 @@ def test_ess_balance_meets_its_equation_or_falls_back():
 
 
 def test_ess_balance_fallback_when_no_sign_change(monkeypatch):
-    import engine.optimal_sampling as osm
+    import vlora.engine.optimal_sampling as osm
 
     log_ps, log_pt = next(cases())
     real = osm._ess_balance
@@ -353,7 +353,7 @@ def test_diagnostics_match_direct_float64(restrict):
     toks, diags = OptimalSampler().sample(zs, zt, rows, op, [False] * 5, set())
     # rebuild the final distribution: mix + the request filters, via a replay
     m = mix(zs, zt, [p.temperature for p in sp], op)
-    from engine.sampling import filter_logits
+    from vlora.engine.sampling import filter_logits
 
     k = torch.tensor([p.top_k if p.top_k >= 1 else V for p in sp])
     final = filter_logits(m.logits_q, k, torch.tensor([p.top_p for p in sp]), torch.tensor([p.min_p for p in sp]))

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.engine import AsyncEngine, LLMEngine
-from engine.output_stream import OutputStream, merge_outputs
-from engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
-from engine.sampling import SamplingParams
+from vlora.engine.config import EngineConfig
+from vlora.engine.engine import AsyncEngine, LLMEngine
+from vlora.engine.output_stream import OutputStream, merge_outputs
+from vlora.engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
+from vlora.engine.sampling import SamplingParams
 
 
 def out(step: int, finished: bool = False, n: int = 2) -> RequestOutput:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.prompts import PreparedPrompt, PromptBuilder, PromptConfig, PromptError, mrope_positions
+from vlora.engine.prompts import PreparedPrompt, PromptBuilder, PromptConfig, PromptError, mrope_positions
 
 IMAGE_TOKEN = "<|image_pad|>"
 

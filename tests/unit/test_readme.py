@@ -10,11 +10,11 @@ from pathlib import Path
 
 import yaml
 
-from adapters.registry import AdapterRegistry
-from deployments.app import prepare_config
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.sampling import SamplingParams
+from vlora.adapters.registry import AdapterRegistry
+from vlora.deployments.app import prepare_config
+from vlora.engine.config import EngineConfig
+from vlora.engine.engine import LLMEngine
+from vlora.engine.sampling import SamplingParams
 from tests.unit.oracle import peft_generate
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ import threading
 import pytest
 import torch
 
-from adapters.peft_io import WEIGHTS_NAME, AdapterFormatError, load_peft_adapter, save_peft_adapter
-from adapters.registry import (
+from vlora.adapters.peft_io import WEIGHTS_NAME, AdapterFormatError, load_peft_adapter, save_peft_adapter
+from vlora.adapters.registry import (
     ADAPTER_NAME_RE,
     AdapterConflictError,
     AdapterCorruptError,
@@ -20,7 +20,7 @@ from adapters.registry import (
     VersionInfo,
     validate_adapter_name,
 )
-from engine.lora import AdapterSlots, LoRASlotError, LoRAWeights
+from vlora.engine.lora import AdapterSlots, LoRASlotError, LoRAWeights
 
 HIDDEN = 16
 

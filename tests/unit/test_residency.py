@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from adapters.residency import AdapterCacheFullError, AdapterResidency, Fetched
-from engine.lora_manager import UnknownAdapterError
+from vlora.adapters.residency import AdapterCacheFullError, AdapterResidency, Fetched
+from vlora.engine.lora_manager import UnknownAdapterError
 
 
 class FakeStore:

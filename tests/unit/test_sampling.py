@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from engine.sampling import (
+from vlora.engine.sampling import (
     RowState,
     Sampler,
     SamplingParams,

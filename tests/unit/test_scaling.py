@@ -8,10 +8,10 @@ import pytest
 def test_autoscaling_config_passes_through_to_serve():
     from pydantic import ValidationError
 
-    from deployments.app import _deployment
-    from deployments.config import AppConfig
-    from deployments.decoder import Decoder
-    from deployments.placement import gpu_shares
+    from vlora.deployments.app import _deployment
+    from vlora.deployments.config import AppConfig
+    from vlora.deployments.decoder import Decoder
+    from vlora.deployments.placement import gpu_shares
 
     scaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32, "upscale_delay_s": 5}
     cfg = AppConfig(decoder={"autoscaling_config": scaling})

@@ -12,16 +12,16 @@ import time
 
 import pytest
 
-from adapters.folders import AdapterPathError, read_files
-from adapters.peft_io import AdapterFormatError
-from deployments import limits
-from deployments.auth import KeyCheck
-from deployments.config import RequestLimits
-from deployments.openai_api import ApiError, ChatCompletionRequest
-from deployments.trainer import LearnParams
-from engine.engine import AsyncEngine, EngineDeadError
-from engine.outputs import RequestOutput
-from engine.prompts import PromptBuilder, PromptError
+from vlora.adapters.folders import AdapterPathError, read_files
+from vlora.adapters.peft_io import AdapterFormatError
+from vlora.deployments import limits
+from vlora.deployments.auth import KeyCheck
+from vlora.deployments.config import RequestLimits
+from vlora.deployments.openai_api import ApiError, ChatCompletionRequest
+from vlora.deployments.trainer import LearnParams
+from vlora.engine.engine import AsyncEngine, EngineDeadError
+from vlora.engine.outputs import RequestOutput
+from vlora.engine.prompts import PromptBuilder, PromptError
 
 
 # -- engine thread ---------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_image_count_reserved_names_and_adapter_count():
 def test_unimplemented_extras_are_a_400_naming_the_field(extra):
     from pydantic import ValidationError
 
-    from deployments.openai_api import validation_error_to_api_error
+    from vlora.deployments.openai_api import validation_error_to_api_error
 
     with pytest.raises(ValidationError) as e:
         ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "h"}], **extra})
@@ -319,8 +319,8 @@ def test_text_that_only_looks_like_markup_is_plain_text(builder, tokenizer):
 def test_lost_replicas_are_503_to_retry_and_context_errors_carry_their_code():
     from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-    from deployments.errors import api_error_for
-    from engine.engine import ContextLengthError
+    from vlora.deployments.errors import api_error_for
+    from vlora.engine.engine import ContextLengthError
 
     for exc in (ActorDiedError(), ActorUnavailableError("restarting", None)):
         api = api_error_for(exc)

@@ -8,15 +8,15 @@ from types import SimpleNamespace
 
 import pytest
 
-import adapters.store as store_mod
-from adapters.jobs import JobBook, new_job_id
-from adapters.registry import AdapterConflictError
-from adapters.replica_tracker import ReplicaTracker
-from adapters.store import AdapterStoreActor, PublishTimeoutError, StoreConfigError
-from deployments.errors import to_api_error
-from deployments.routing import rank_by_affinity
-from engine.lora import LoRAWeights
-from engine.model import TextConfig
+import vlora.adapters.store as store_mod
+from vlora.adapters.jobs import JobBook, new_job_id
+from vlora.adapters.registry import AdapterConflictError
+from vlora.adapters.replica_tracker import ReplicaTracker
+from vlora.adapters.store import AdapterStoreActor, PublishTimeoutError, StoreConfigError
+from vlora.deployments.errors import to_api_error
+from vlora.deployments.routing import rank_by_affinity
+from vlora.engine.lora import LoRAWeights
+from vlora.engine.model import TextConfig
 
 
 @pytest.fixture(autouse=True)

@@ -11,13 +11,13 @@ import jsonschema
 import pytest
 import torch
 
-from adapters.peft_io import load_peft_adapter
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.grammar import GrammarCache, GrammarError, GrammarSpec, check_spec, unpack_bitmask
-from engine.optimal_sampling import OptimalSamplingParams
-from engine.prompts import PromptBuilder
-from engine.sampling import RowState, Sampler, SamplingParams, apply_grammar_masks
+from vlora.adapters.peft_io import load_peft_adapter
+from vlora.engine.config import EngineConfig
+from vlora.engine.engine import LLMEngine
+from vlora.engine.grammar import GrammarCache, GrammarError, GrammarSpec, check_spec, unpack_bitmask
+from vlora.engine.optimal_sampling import OptimalSamplingParams
+from vlora.engine.prompts import PromptBuilder
+from vlora.engine.sampling import RowState, Sampler, SamplingParams, apply_grammar_masks
 from tests.unit.oracle import random_peft_adapter
 
 SCHEMA = {

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from deployments import structured_api
-from deployments.openai_api import ApiError, ChatCompletionRequest, CompletionRequest
-from engine.grammar import GrammarSpec
-from engine.outputs import ChoiceDelta
-from engine.tools import ToolCallStream, parse_tool_calls
+from vlora.deployments import structured_api
+from vlora.deployments.openai_api import ApiError, ChatCompletionRequest, CompletionRequest
+from vlora.engine.grammar import GrammarSpec
+from vlora.engine.outputs import ChoiceDelta
+from vlora.engine.tools import ToolCallStream, parse_tool_calls
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
     "x": {"type": "integer"}}}}}, {"type": "function", "function": {"name": "g"}}]

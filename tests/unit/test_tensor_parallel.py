@@ -12,16 +12,16 @@ import time
 import pytest
 import torch
 
-from adapters.peft_io import load_peft_adapter
-from engine.attention import AttentionMetadata
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.lora import LoRAWeights
-from engine.prompts import PromptBuilder
-from engine.sampling import SamplingParams
-from engine.tp import TPGroupError, TPSpec, free_port
-from engine.tp_worker import run_worker
-from engine.vision import VisionEncoder
+from vlora.adapters.peft_io import load_peft_adapter
+from vlora.engine.attention import AttentionMetadata
+from vlora.engine.config import EngineConfig
+from vlora.engine.engine import LLMEngine
+from vlora.engine.lora import LoRAWeights
+from vlora.engine.prompts import PromptBuilder
+from vlora.engine.sampling import SamplingParams
+from vlora.engine.tp import TPGroupError, TPSpec, free_port
+from vlora.engine.tp_worker import run_worker
+from vlora.engine.vision import VisionEncoder
 from tests.unit.oracle import hf_generate, hf_logits, peft_generate, random_image, random_peft_adapter
 
 GREEDY = dict(temperature=0, ignore_eos=True)

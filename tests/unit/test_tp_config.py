@@ -8,9 +8,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from deployments.app import _deployment, prepare_config
-from deployments.config import AppConfig
-from deployments.decoder import Decoder
+from vlora.deployments.app import _deployment, prepare_config
+from vlora.deployments.config import AppConfig
+from vlora.deployments.decoder import Decoder
 
 ROOT = Path(__file__).resolve().parents[2]
 

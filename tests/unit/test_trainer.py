@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from adapters.peft_io import load_peft_adapter, save_peft_adapter
-from adapters.trainer import IGNORE_INDEX, LoRATrainer, TrainingDataError, TrainingDivergedError
-from engine.config import EngineConfig, LORA_TARGET_MODULES
-from engine.engine import LLMEngine
-from engine.images import ImageTransform, load_image
-from engine.prompts import PromptBuilder
-from engine.sampling import SamplingParams
-from engine.vision import VisionEncoder
+from vlora.adapters.peft_io import load_peft_adapter, save_peft_adapter
+from vlora.adapters.trainer import IGNORE_INDEX, LoRATrainer, TrainingDataError, TrainingDivergedError
+from vlora.engine.config import EngineConfig, LORA_TARGET_MODULES
+from vlora.engine.engine import LLMEngine
+from vlora.engine.images import ImageTransform, load_image
+from vlora.engine.prompts import PromptBuilder
+from vlora.engine.sampling import SamplingParams
+from vlora.engine.vision import VisionEncoder
 
 QUESTION = "What colour is this?"
 RED, BLUE = (255, 0, 0), (0, 0, 255)

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine import vision_tower
-from engine.vision import VisionEncoder
-from engine.vision_tower import VisionConfig, build_grid_layout, pad_groups
+from vlora.engine import vision_tower
+from vlora.engine.vision import VisionEncoder
+from vlora.engine.vision_tower import VisionConfig, build_grid_layout, pad_groups
 
 TOL = 1e-5
 
@@ -279,8 +279,8 @@ def test_rejects_grids_that_do_not_merge(encoder):
 
 
 def test_rejects_weights_of_another_shape(tiny_model_dir):
-    from engine.vision import load_vision_state_dict
-    from engine.vision_tower import VisionTower
+    from vlora.engine.vision import load_vision_state_dict
+    from vlora.engine.vision_tower import VisionTower
 
     cfg = VisionConfig.from_pretrained(tiny_model_dir)
     state = load_vision_state_dict(tiny_model_dir)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.config import AppConfig
-from deployments.messages import PreparedRequest
-from deployments.preprocessor import Preprocessor
-from deployments.vision_encoder import VisionEncoderDeployment, chunk_by_patches
+from vlora.deployments.config import AppConfig
+from vlora.deployments.messages import PreparedRequest
+from vlora.deployments.preprocessor import Preprocessor
+from vlora.deployments.vision_encoder import VisionEncoderDeployment, chunk_by_patches
 
 TOL = 1e-5
 
@@ -120,7 +120,7 @@ def test_embeddings_travel_as_numpy_and_arrive_unchanged(pre, dtype):
     """Ray reads numpy out of its object store without a copy; the Decoder gets the same dtype and values."""
     import pickle
 
-    from deployments.messages import EncodedRequest
+    from vlora.deployments.messages import EncodedRequest
 
     req = prepare(pre, data_url(30, 64, 64))
     emb = torch.randn(16, 64).to(dtype)
