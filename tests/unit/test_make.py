@@ -44,7 +44,7 @@ def test_setup_installs_on_a_fresh_clone_and_only_when_the_pins_change(repo):
                                                                text=True).stdout
     serve = dry_run(repo, "serve")  # a second `make serve`: no pip at all
     assert "pip" not in serve
-    assert serve.strip() == ".venv/bin/python -m deployments.launch serve_config.yaml --metrics-export-port 8080"
+    assert serve.strip() == ".venv/bin/python -m vlora.deployments.launch serve_config.yaml --metrics-export-port 8080"
     later = time.time() + 10
     os.utime(repo / "constraints.txt", (later, later))  # a pin changed: install again
     assert "pip install -q -c constraints.txt" in dry_run(repo, "setup")
