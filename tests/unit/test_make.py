@@ -19,9 +19,15 @@ from tests.unit.fake_server import FakeServer
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _make(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    """`make` in `repo` as a user runs it, also when this suite itself runs under `make test` (whose
+    MAKEFLAGS / MAKELEVEL would make the inner make print its directory changes)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    return subprocess.run(["make", *args], cwd=repo, capture_output=True, text=True, check=True, env=env)
+
+
 def dry_run(repo: Path, target: str) -> str:
-    out = subprocess.run(["make", "-n", target], cwd=repo, capture_output=True, text=True, check=True)
-    return out.stdout
+    return _make(repo, "-n", target).stdout
 
 
 @pytest.fixture
@@ -40,8 +46,7 @@ def test_setup_installs_on_a_fresh_clone_and_only_when_the_pins_change(repo):
     (repo / ".venv/bin").mkdir(parents=True)
     (repo / ".venv/bin/python").touch()
     (repo / ".venv/.installed").touch()  # what a finished setup leaves
-    assert "Nothing to be done for 'setup'" in subprocess.run(["make", "setup"], cwd=repo, capture_output=True,
-                                                               text=True).stdout
+    assert "Nothing to be done for 'setup'" in _make(repo, "setup").stdout
     serve = dry_run(repo, "serve")  # a second `make serve`: no pip at all
     assert "pip" not in serve
     assert serve.strip() == ".venv/bin/python -m vlora.deployments.launch serve_config.yaml --metrics-export-port 8080"
