@@ -14,7 +14,7 @@ import secrets
 import time
 from pathlib import Path
 
-from vlora.adapters.replica_tracker import write_json_atomic
+from vlora.adapters.durable import write_json_atomic
 
 FINISHED = ("succeeded", "failed")
 

@@ -37,7 +37,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
+from vlora.adapters.durable import write_json_atomic
 from vlora.adapters.folders import read_files
 from vlora.adapters.peft_io import (
     CONFIG_NAME,
@@ -603,20 +603,7 @@ class AdapterRegistry:
         return m
 
     def _write_manifest(self, manifest: dict) -> None:
-        data = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False).encode()
-        fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.manifest_path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_json_atomic(self.manifest_path, manifest, indent=1, allow_nan=False)
         _fsync_dir(self.root)
 
     def _clean_orphans(self) -> None:
@@ -625,7 +612,9 @@ class AdapterRegistry:
         Anything that does not look like ours is left alone."""
         adapters = self._manifest["adapters"]
         for p in self.root.iterdir():
-            if p.name.startswith(".manifest-") and p.name.endswith(".tmp") and p.is_file():
+            # leftovers of an interrupted manifest write (".manifest-*" from earlier versions)
+            if p.name.startswith((f".{self.manifest_path.name}-", ".manifest-")) and p.name.endswith(".tmp") \
+                    and p.is_file():
                 p.unlink(missing_ok=True)
                 continue
             if not p.is_dir() or p.is_symlink() or ADAPTER_NAME_RE.fullmatch(p.name) is None:

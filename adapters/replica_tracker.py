@@ -18,11 +18,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from vlora.adapters.durable import write_json_atomic
 
 
 @dataclass(slots=True)
@@ -32,24 +33,6 @@ class ReplicaState:
     known: bool = False  # holdings reported since this store started
     holds: dict[str, str] = field(default_factory=dict)  # adapter -> token of its fetch
     seen: float = 0.0  # monotonic time of its last call
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """temp file in the same directory, fsync, rename: a crash leaves the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class ReplicaTracker:

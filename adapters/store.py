@@ -29,7 +29,8 @@ import ray
 
 from vlora.adapters.jobs import JobBook
 from vlora.adapters.registry import NO_CHECK, AdapterRegistry
-from vlora.adapters.replica_tracker import ReplicaTracker, write_json_atomic
+from vlora.adapters.durable import write_json_atomic
+from vlora.adapters.replica_tracker import ReplicaTracker
 from vlora.engine.config import LORA_TARGET_MODULES
 from vlora.engine.lora import LoRAWeights, check_lora_fits
 from vlora.engine.model import TextConfig
