@@ -402,13 +402,43 @@ class LLMEngine:
 
 
 class EngineFrontend:
-    """What the two hosts of an LLMEngine share, built on their own `call` and `generate`:
-    `AsyncEngine` (a thread of this process) and engine/engine_process.py's `EngineProcess`."""
+    """What the two hosts of an LLMEngine share: streaming, completion and calls, built on each
+    host's `call`, `_submit`, `_abort` and `_consumer_interval`. The hosts are `AsyncEngine` (a thread
+    of this process) and engine/engine_process.py's `EngineProcess`."""
 
     error: BaseException | None = None  # what ended the engine, if anything did
+    stream_interval_s: float = 0.0
+    _streams: dict[str, OutputStream]
 
     async def run(self, fn: Callable[[LLMEngine], Any]) -> Any:
         return await asyncio.wrap_future(self.call(fn))
+
+    async def generate(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
+                       image_embeds: torch.Tensor | None = None, request_id: str | None = None,
+                       stream_interval_s: float | None = None, **optimal: Any) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs, each one merging every step since the previous one.
+
+        `stream_interval_s` overrides the engine-wide interval (0: one output per step, inf: one at
+        the end); `optimal` takes add_request's optimal-sampling keywords. A consumer that stops
+        iterating (a client gone) aborts the request.
+        """
+        rid = request_id or uuid.uuid4().hex
+        interval = self.stream_interval_s if stream_interval_s is None else stream_interval_s
+        stream = OutputStream(asyncio.get_running_loop(), self._consumer_interval(interval))
+        self._streams[rid] = stream
+        finished = False
+        try:
+            if self.error is not None:
+                raise self._dead()
+            await self._submit(rid, prompt, sampling, adapter, image_embeds, optimal, interval)
+            while not finished:
+                out = await stream.next_batch()
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(rid, None)
+            if not finished and self.error is None:
+                self._abort(rid)
 
     async def complete(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
                        image_embeds: torch.Tensor | None = None, request_id: str | None = None,
@@ -471,34 +501,18 @@ class AsyncEngine(EngineFrontend):
             self._fault = exc
         self.call(arm)
 
-    async def generate(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
-                       image_embeds: torch.Tensor | None = None, request_id: str | None = None,
-                       stream_interval_s: float | None = None, **optimal: Any) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs, each one merging every step since the previous one.
+    def _consumer_interval(self, interval_s: float) -> float:
+        return interval_s  # the consumer's OutputStream spaces the batches
 
-        `stream_interval_s` overrides the engine-wide interval (0: one output per step);
-        `optimal` takes add_request's optimal-sampling keywords.
-        """
-        rid = request_id or uuid.uuid4().hex
-        interval = self.stream_interval_s if stream_interval_s is None else stream_interval_s
-        stream = OutputStream(asyncio.get_running_loop(), interval)
-        self._streams[rid] = stream
-        finished = False
-        try:
-            if self.error is not None:
-                raise self._dead()
-            grammar = getattr(sampling, "grammar", None)
-            if grammar is not None:  # compiled off the engine thread, so a slow schema stalls no stream
-                await asyncio.get_running_loop().run_in_executor(None, self.engine.grammars.get, grammar)
-            await self.run(lambda e: e.add_request(prompt, sampling, adapter, image_embeds, rid, **optimal))
-            while not finished:
-                out = await stream.next_batch()
-                finished = out.finished
-                yield out
-        finally:
-            self._streams.pop(rid, None)
-            if not finished and self.error is None:
-                self.call(lambda e: e.abort(rid))
+    async def _submit(self, rid: str, prompt: Any, sampling: SamplingParams, adapter: str | None,
+                      image_embeds: torch.Tensor | None, optimal: dict, interval_s: float) -> None:
+        grammar = getattr(sampling, "grammar", None)
+        if grammar is not None:  # compiled off the engine thread, so a slow schema stalls no stream
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.grammars.get, grammar)
+        await self.run(lambda e: e.add_request(prompt, sampling, adapter, image_embeds, rid, **optimal))
+
+    def _abort(self, rid: str) -> None:
+        self.call(lambda e: e.abort(rid))
 
     def shutdown(self) -> None:
         self._stopped = True

@@ -18,7 +18,6 @@ with EngineDeadError and `healthy` turns False; the child exits when its parent 
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import itertools
 import logging
@@ -30,8 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -106,35 +104,19 @@ class EngineProcess(EngineFrontend):
         """Make the child raise `exc` before its next step (fault drills and tests)."""
         self._send_quiet(("fault", exc))
 
-    async def generate(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
-                       image_embeds: torch.Tensor | None = None, request_id: str | None = None,
-                       stream_interval_s: float | None = None, **optimal: Any) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs, each one merging every step since the previous one.
+    def _consumer_interval(self, interval_s: float) -> float:
+        return 0.0  # the child already spaces the batches
 
-        `stream_interval_s` overrides the engine-wide interval (0: one output per step, inf: one at
-        the end); `optimal` takes add_request's optimal-sampling keywords.
-        """
-        rid = request_id or uuid.uuid4().hex
-        interval = self.stream_interval_s if stream_interval_s is None else stream_interval_s
-        stream = OutputStream(asyncio.get_running_loop(), 0.0)  # the child already spaces the batches
-        self._streams[rid] = stream
-        finished = False
-        try:
+    async def _submit(self, rid: str, prompt: Any, sampling: SamplingParams, adapter: str | None,
+                      image_embeds: torch.Tensor | None, optimal: dict, interval_s: float) -> None:
+        # No round trip: a request the engine refuses comes back as an error on its stream.
+        with self._lock:
             if self.error is not None:
                 raise self._dead()
-            # No round trip: a request the engine refuses comes back as an error on its stream.
-            with self._lock:
-                if self.error is not None:
-                    raise self._dead()
-                _send(self._conn, ("add", (rid, prompt, sampling, adapter, image_embeds, optimal, interval)))
-            while not finished:
-                out = await stream.next_batch()
-                finished = out.finished
-                yield out
-        finally:
-            self._streams.pop(rid, None)
-            if not finished and self.error is None:
-                self._send_quiet(("abort", rid))
+            _send(self._conn, ("add", (rid, prompt, sampling, adapter, image_embeds, optimal, interval_s)))
+
+    def _abort(self, rid: str) -> None:
+        self._send_quiet(("abort", rid))
 
     def shutdown(self) -> None:
         self._stopped = True
