@@ -34,3 +34,16 @@ def hf_image_processor(tiny_model_dir):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def peft_adapters(hf_model, tmp_path_factory):
+    """Three PEFT adapters of different ranks, alphas (one rsLoRA) and target modules."""
+    from tests.unit.oracle import random_peft_adapter
+
+    d = tmp_path_factory.mktemp("adapters")
+    return {
+        "a1": random_peft_adapter(hf_model, d / "a1", seed=1, r=2, alpha=4),
+        "a2": random_peft_adapter(hf_model, d / "a2", seed=2, r=8, alpha=8, use_rslora=True),
+        "a3": random_peft_adapter(hf_model, d / "a3", seed=3, r=4, alpha=16, targets=("q_proj", "v_proj", "down_proj")),
+    }

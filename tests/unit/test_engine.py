@@ -15,7 +15,7 @@ from vlora.engine.kv_cache import KVCache
 from vlora.engine.prompts import PromptBuilder
 from vlora.engine.sampling import SamplingParams
 from vlora.engine.vision import VisionEncoder
-from tests.unit.oracle import hf_generate, hf_logits, peft_generate, random_image, random_peft_adapter
+from tests.unit.oracle import hf_generate, hf_logits, peft_generate, random_image
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -143,16 +143,6 @@ def test_chunked_prefill_matches_hf(tiny_model_dir, tokenizer, hf_model):
     assert len(p) > 10
     assert eng.generate([p], SamplingParams(max_tokens=8, **GREEDY))[0][0] == hf_generate(hf_model, p, 8)
     assert_pool_free(eng)
-
-
-@pytest.fixture(scope="module")
-def peft_adapters(hf_model, tmp_path_factory):
-    d = tmp_path_factory.mktemp("adapters")
-    return {
-        "a1": random_peft_adapter(hf_model, d / "a1", seed=1, r=2, alpha=4),
-        "a2": random_peft_adapter(hf_model, d / "a2", seed=2, r=8, alpha=8, use_rslora=True),
-        "a3": random_peft_adapter(hf_model, d / "a3", seed=3, r=4, alpha=16, targets=("q_proj", "v_proj", "down_proj")),
-    }
 
 
 def test_three_adapters_and_base_in_one_batch_match_hf_peft(engine, tokenizer, hf_model, peft_adapters):

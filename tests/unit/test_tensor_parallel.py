@@ -22,7 +22,7 @@ from vlora.engine.sampling import SamplingParams
 from vlora.engine.tp import TPGroupError, TPSpec, free_port
 from vlora.engine.tp_worker import run_worker
 from vlora.engine.vision import VisionEncoder
-from tests.unit.oracle import hf_generate, hf_logits, peft_generate, random_image, random_peft_adapter
+from tests.unit.oracle import hf_generate, hf_logits, peft_generate, random_image
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -129,16 +129,6 @@ def test_image_prompts_greedy_match_hf(tp_engine, builder, hf_model, hf_image_pr
         assert abs(lp.logprob - ref_lp[k, toks[k]].item()) < 1e-4
         assert [t for t, _ in lp.top] == ref_lp[k].topk(5).indices.tolist()
     assert_pool_free(tp_engine)
-
-
-@pytest.fixture(scope="module")
-def peft_adapters(hf_model, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tp_adapters")
-    return {
-        "a1": random_peft_adapter(hf_model, d / "a1", seed=1, r=2, alpha=4),
-        "a2": random_peft_adapter(hf_model, d / "a2", seed=2, r=8, alpha=8, use_rslora=True),
-        "a3": random_peft_adapter(hf_model, d / "a3", seed=3, r=4, alpha=16, targets=("q_proj", "v_proj", "down_proj")),
-    }
 
 
 def test_three_adapters_and_base_in_one_batch_match_hf_peft(tp_engine, builder, hf_model, peft_adapters):
