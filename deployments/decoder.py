@@ -14,7 +14,7 @@ import torch
 from vlora.deployments.adapter_sync import AdapterSync
 from vlora.deployments.config import AppConfig
 from vlora.deployments.errors import to_api_error
-from vlora.deployments.messages import EncodedRequest, PreparedRequest
+from vlora.deployments.messages import EncodedRequest, PreparedRequest, output_to_wire
 from vlora.deployments.metrics import DecoderMetrics, get_logger
 from vlora.deployments.openai_api import ApiError
 from vlora.deployments.placement import resolve_device_dtype
@@ -70,7 +70,7 @@ class Decoder:
             from ray import cloudpickle  # engine calls below are closures; plain pickle takes none
 
             self.engine = EngineProcess(engine_config, interval_s, name=self.replica_id, dumps=cloudpickle.dumps,
-                                        tp=tp)
+                                        tp=tp, nice=lim.engine_process_nice)
         else:
             llm = LLMEngine(engine_config, tp=tp)
             llm.name = self.replica_id
@@ -166,8 +166,8 @@ class Decoder:
 
     async def generate(self, req: EncodedRequest | PreparedRequest, sampling: SamplingParams, adapter: str | None,
                        request_id: str, max_tokens_explicit: bool = True, optimal: OptimalSamplingParams | None = None,
-                       teacher: EncodedRequest | PreparedRequest | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream RequestOutputs in batches (the first token at once, then one item per
+                       teacher: EncodedRequest | PreparedRequest | None = None) -> AsyncIterator[bytes]:
+        """Stream RequestOutputs (as `output_to_wire` bytes) in batches (the first token at once, then one item per
         `stream_interval_ms` or at the finish); a caller that stops iterating (client gone) aborts
         the request.
 
@@ -187,7 +187,7 @@ class Decoder:
                         self._observe_queue_time(out, adapter)
                         self._observe_cold_start(cold, adapter, t0)
                     first = False
-                    yield out
+                    yield output_to_wire(out)
         except Exception as exc:
             api = to_api_error(exc)
             if api is None or api is exc:
@@ -199,8 +199,8 @@ class Decoder:
     async def complete(self, req: EncodedRequest | PreparedRequest, sampling: SamplingParams, adapter: str | None,
                        request_id: str, max_tokens_explicit: bool = True,
                        optimal: OptimalSamplingParams | None = None,
-                       teacher: EncodedRequest | PreparedRequest | None = None) -> RequestOutput:
-        """A non-streaming request: one call, one merged RequestOutput at the end (no per-token items).
+                       teacher: EncodedRequest | PreparedRequest | None = None) -> bytes:
+        """A non-streaming request: one call, one merged RequestOutput (`output_to_wire` bytes) at the end.
         A cancelled call (client gone) aborts the request."""
         self._check_capacity()
         self._inflight += 1
@@ -210,7 +210,7 @@ class Decoder:
             async with self._adapters(adapter, _teacher_adapter(optimal)) as cold:
                 out = await self.engine.complete(req.prompt, sampling, adapter, _embeds(req), request_id, **extra)
             self._observe_queue_time(out, adapter)
-            return out
+            return output_to_wire(out)
         except Exception as exc:
             api = to_api_error(exc)
             if api is None or api is exc:

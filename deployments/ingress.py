@@ -27,6 +27,7 @@ from vlora.deployments.config import AppConfig
 from vlora.deployments.errors import api_error_for
 from vlora.deployments.health import health_report
 from vlora.deployments.metrics import IngressMetrics, RequestRecord, api_snapshot, get_logger
+from vlora.deployments.messages import DecoderStream, output_from_wire
 from vlora.deployments.metrics_hub import get_hub as get_metrics_hub, render as render_metrics
 from vlora.deployments.prompt_batch import MergedStream, PromptBatch
 from vlora.deployments.prompt_routes import PromptRoutes, has_images
@@ -230,12 +231,13 @@ class Ingress:
         gen = call = None
         try:
             if stream:
-                gen = self.decoder.options(stream=True).generate.remote(*args)
+                gen = DecoderStream(self.decoder.options(stream=True).generate.remote(*args))
                 out = await asyncio.wait_for(gen.__anext__(), lim.first_token_timeout_s)
             else:
                 call = self.decoder.complete.remote(*args)
                 # a cancelled call (deadline, client gone) aborts the request on the Decoder
-                out = await asyncio.wait_for(call, max(0.0, rec.arrival + lim.request_timeout_s - time.perf_counter()))
+                out = output_from_wire(await asyncio.wait_for(
+                    call, max(0.0, rec.arrival + lim.request_timeout_s - time.perf_counter())))
         except StopAsyncIteration:
             raise ApiError(500, "the decoder returned no output", type="server_error") from None
         except BackPressureError:

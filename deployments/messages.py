@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from vlora.engine.outputs import RequestOutput
 from vlora.engine.prompts import PreparedPrompt
 
 
@@ -60,3 +62,30 @@ def _tensor_from_wire(wire) -> torch.Tensor | None:
 
 def _rebuild_encoded(prompt: PreparedPrompt, wire) -> EncodedRequest:
     return EncodedRequest(prompt, _tensor_from_wire(wire))
+
+
+# -- Decoder -> Ingress ------------------------------------------------------------------------------
+# Outputs cross as plain pickle bytes: Ray hands bytes through as they are, where an object goes
+# through cloudpickle's per-object hooks on every streamed item.
+def output_to_wire(out: RequestOutput) -> bytes:
+    return pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def output_from_wire(blob: bytes) -> RequestOutput:
+    return pickle.loads(blob)
+
+
+class DecoderStream:
+    """A Decoder's streamed response as RequestOutputs (`__anext__`, `cancel`, as the Serve generator)."""
+
+    def __init__(self, gen):
+        self._gen = gen
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        return output_from_wire(await self._gen.__anext__())
+
+    def cancel(self) -> None:
+        self._gen.cancel()

@@ -30,6 +30,7 @@ only the process-local API-port registry records, so nothing here needs Ray to b
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import threading
@@ -143,6 +144,18 @@ class _Metric:
         if self._m is not None:
             self._m.observe(value, tags=tags)
         self._child(tags).observe(value)
+
+    def observe_many(self, value: float, count: int, tags: dict[str, str] | None = None) -> None:
+        """`count` observations of one value (a streamed item's tokens share their gap): one update on the
+        API port, where prometheus_client's Histogram.observe would take `count`."""
+        if count <= 0:
+            return
+        if self._m is not None:
+            for _ in range(count):
+                self._m.observe(value, tags=tags)
+        child = self._child(tags)
+        child._sum.inc(value * count)  # Histogram.observe's own update, `count` at once
+        child._buckets[bisect.bisect_left(child._upper_bounds, value)].inc(count)
 
     def zero(self, tags: dict[str, str] | None = None) -> None:
         """Export a counter series at 0 before its first event, so rate() and alerts see it."""
@@ -447,7 +460,7 @@ class RequestRecord:
     status: int | None = None
     error: str | None = None
     done: bool = False
-    _itl: list[float] = field(default_factory=list)
+    _itl: list[tuple[float, int]] = field(default_factory=list)  # (gap per token, tokens) per item
 
     def on_output(self, out) -> None:
         """One RequestOutput arrived at the Ingress (call in arrival order)."""
@@ -457,7 +470,7 @@ class RequestRecord:
             self.adapter, self.adapter_version, self.replica = out.adapter, out.adapter_version, out.served_by
         elif k := max((len(c.token_ids) for c in out.choices), default=0):
             # a batched item carries k steps' tokens: its gap spread evenly over them
-            self._itl.extend([(now - self.last_output) / k] * k)
+            self._itl.append(((now - self.last_output) / k, k))
         self.last_output = now
         self.prompt_tokens = out.num_prompt_tokens
         self.completion_tokens = out.num_generated_tokens
@@ -510,8 +523,8 @@ class RequestRecord:
             metrics.request_prompt_tokens.observe(self.prompt_tokens, m)
             metrics.request_generation_tokens.observe(self.completion_tokens, m)
             metrics.ttft.observe(self.first_token - self.arrival, m)
-            for dt in self._itl:
-                metrics.itl.observe(dt, m)
+            for dt, k in self._itl:
+                metrics.itl.observe_many(dt, k, m)
             if self.status == 200 and self.finish_reason:
                 metrics.success.inc(1, {**m, "finished_reason": self.finish_reason})
         metrics.e2e.observe(now - self.arrival, m)

@@ -6,8 +6,10 @@ expanded to the number of merged patches of that image, and the 3-row M-RoPE pos
 computed here once, on a CPU replica, so the decoder never needs the image grids again: it only
 needs `rope_delta` to place generated tokens.
 
-Everything in a `PreparedPrompt` is plain Python or a CPU tensor, so it pickles cheaply between
-Ray actors.
+Everything in a `PreparedPrompt` is plain Python or a CPU tensor. It crosses two process
+boundaries per request (Ingress -> Decoder replica -> engine process), so it pickles its
+positions as a numpy array, or not at all for a text-only prompt (there they are `arange` on
+all three rows): a pickled torch tensor goes through `torch.save` on both sides.
 """
 
 from __future__ import annotations
@@ -85,6 +87,20 @@ class PreparedPrompt:
     def decode_position(self, k: int) -> int:
         """M-RoPE position (same on all 3 rows) of the k-th generated token, 0-based."""
         return len(self.token_ids) + k + self.rope_delta
+
+    def __reduce__(self):
+        text_only = not self.image_grids and self.rope_delta == 0
+        positions = None if text_only else self.positions.numpy()
+        return _rebuild_prompt, (self.token_ids, positions, self.rope_delta, self.image_grids,
+                                 self.image_token_spans, self.num_image_tokens)
+
+
+def _rebuild_prompt(token_ids, positions, rope_delta, image_grids, image_token_spans, num_image_tokens):
+    if positions is None:  # text only: every row counts 0..L-1
+        pos = torch.arange(len(token_ids)).expand(3, -1).contiguous()
+    else:
+        pos = torch.from_numpy(positions)
+    return PreparedPrompt(token_ids, pos, rope_delta, image_grids, image_token_spans, num_image_tokens)
 
 
 def _check_grids(image_grids: list[ImageGrid], merge: int) -> list[ImageGrid]:

@@ -85,3 +85,27 @@ def test_hub_drops_replicas_that_stopped_pushing():
     time.sleep(0.12)
     page = render(hub.snapshots()).decode()
     assert [lb["replica"] for n, lb, _ in samples(page) if n == "vllm:num_requests_running"] == ["r2"]
+
+
+def test_observe_many_equals_that_many_observations():
+    """A streamed item's k tokens share one gap: one weighted update gives the same buckets, sum and count as
+    k observations (prometheus_client's own observe is the oracle)."""
+    import prometheus_client as pc
+
+    from vlora.deployments.metrics import _Metric
+
+    buckets = [0.001, 0.01, 0.1, 1.0]
+    ours = pc.Histogram("t_many", "d", ["model_name"], buckets=buckets, registry=pc.CollectorRegistry())
+    oracle = pc.Histogram("t_each", "d", ["model_name"], buckets=buckets, registry=pc.CollectorRegistry())
+    m = _Metric(None, ours)
+    for value, k in [(0.0005, 3), (0.01, 5), (0.05, 1), (2.5, 4), (0.1, 0)]:
+        m.observe_many(value, k, {"model_name": "tiny"})
+        for _ in range(k):
+            oracle.labels(model_name="tiny").observe(value)
+
+    def page(h):
+        return sorted((s.name.replace("t_many", "t").replace("t_each", "t"), s.labels.get("le"), round(s.value, 9))
+                      for fam in h.collect() for s in fam.samples if not s.name.endswith("_created"))
+
+    assert page(ours) == page(oracle)
+    assert ("t_count", None, 13.0) in page(ours)

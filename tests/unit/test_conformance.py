@@ -17,6 +17,7 @@ from ray import serve
 from vlora.deployments.config import AppConfig
 from vlora.deployments.decoder import Decoder
 from vlora.deployments.ingress import Ingress, app
+from vlora.deployments.messages import output_from_wire
 from vlora.deployments.preprocessor import Preprocessor
 from vlora.engine.sampling import SamplingParams
 from tests.unit.test_deadlines import Handle, Store, Trainer, idle, sse_events
@@ -147,8 +148,8 @@ def test_min_tokens_holds_back_stop_tokens_until_reached(ingress, decoder):
     msgs = [{"role": "user", "content": "Hello"}]
 
     async def go(c):
-        plain = await decoder.complete(ingress.prompts.chat(msgs), SamplingParams(max_tokens=6, temperature=0),
-                                       None, "plain")
+        plain = output_from_wire(await decoder.complete(ingress.prompts.chat(msgs), SamplingParams(
+            max_tokens=6, temperature=0), None, "plain"))
         tid = plain.choices[0].token_ids[0]
         # the first token as a stop token ends the answer at once ...
         r = await c.post("/v1/chat/completions", json={**GREEDY, "messages": msgs, "max_tokens": 6,
@@ -159,8 +160,8 @@ def test_min_tokens_holds_back_stop_tokens_until_reached(ingress, decoder):
                                                        "stop_token_ids": [tid], "min_tokens": 4})
         assert r.json()["usage"]["completion_tokens"] >= 4
         # the engine's tokens: greedy with the stop token masked for the first 4 draws
-        masked = await decoder.complete(ingress.prompts.chat(msgs), SamplingParams(
-            max_tokens=6, temperature=0, stop_token_ids=[tid], min_tokens=4), None, "masked")
+        masked = output_from_wire(await decoder.complete(ingress.prompts.chat(msgs), SamplingParams(
+            max_tokens=6, temperature=0, stop_token_ids=[tid], min_tokens=4), None, "masked"))
         got = masked.choices[0].token_ids
         assert len(got) >= 4 and tid not in got[:4] and got[0] != plain.choices[0].token_ids[0]
         err = error_of(await c.post("/v1/chat/completions", json={**GREEDY, "messages": msgs, "max_tokens": 2,
@@ -243,12 +244,12 @@ def test_min_tokens_matches_hf_min_new_tokens(decoder, ingress, hf_model):
     ids = prep.prompt.token_ids
 
     async def go():
-        plain = await decoder.complete(prep, SamplingParams(max_tokens=8, temperature=0), None, "p")
+        plain = output_from_wire(await decoder.complete(prep, SamplingParams(max_tokens=8, temperature=0), None, "p"))
         stop = plain.choices[0].token_ids[1]  # greedy's second token
         eos = decoder.engine.call(lambda e: sorted(e.eos_token_ids)).result(30)
         for min_tokens in (0, 3):
-            out = await decoder.complete(prep, SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[stop],
-                                                              min_tokens=min_tokens), None, f"m{min_tokens}")
+            out = output_from_wire(await decoder.complete(prep, SamplingParams(
+                max_tokens=8, temperature=0, stop_token_ids=[stop], min_tokens=min_tokens), None, f"m{min_tokens}"))
             hf = hf_model.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=min_tokens,
                                    eos_token_id=[stop, *eos], pad_token_id=eos[0], do_sample=False)
             expected = hf[0, len(ids):].tolist()

@@ -156,20 +156,26 @@ def test_decode_positions_continue_after_max(builder, hf_image_processor):
     assert prompt.decode_position(0) == prompt.num_tokens + prompt.rope_delta
 
 
-def test_prepared_prompt_pickles(builder, hf_image_processor):
+@pytest.mark.parametrize("with_image", [True, False])
+def test_prepared_prompt_pickles(builder, hf_image_processor, with_image):
     grid_thw = grids_for(hf_image_processor, [(100, 150)])
-    prompt = builder.build_chat(
-        [{"role": "user", "content": [image_part("a"), text_part("x")]}], [tuple(g) for g in grid_thw.tolist()]
-    )
-    back = pickle.loads(pickle.dumps(prompt))
+    content = [image_part("a"), text_part("x")] if with_image else [text_part("x")]
+    grids = [tuple(g) for g in grid_thw.tolist()] if with_image else []
+    prompt = builder.build_chat([{"role": "user", "content": content}], grids)
+    blob = pickle.dumps(prompt)
+    back = pickle.loads(blob)
     assert back.token_ids == prompt.token_ids
-    assert torch.equal(back.positions, prompt.positions)
+    assert torch.equal(back.positions, prompt.positions) and back.positions.dtype == torch.long
+    assert back.positions.is_contiguous()
     assert (back.rope_delta, back.image_grids, back.image_token_spans, back.num_image_tokens) == (
         prompt.rope_delta,
         prompt.image_grids,
         prompt.image_token_spans,
         prompt.num_image_tokens,
     )
+    # no torch.save on the wire: positions go as numpy (images) or not at all (text only)
+    assert b"torch" not in blob
+    assert (b"numpy" in blob) == with_image
 
 
 def test_build_text_is_plain_tokenization(builder, tokenizer):
