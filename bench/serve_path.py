@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -223,18 +224,75 @@ def decoder_loop_stats() -> dict | None:
     return dict(s["engine_loop"]) if "engine_loop" in s else None
 
 
+def serving_processes() -> dict[int, str]:
+    """pid -> role of this Ray instance's serving processes: the HTTP proxy, each Serve replica
+    ("<app>:<deployment>") and each Decoder replica's engine process ("<app>:engine")."""
+    import psutil
+
+    roles: dict[int, str] = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            title = (p.info["cmdline"] or [""])[0]
+        except (psutil.Error, IndexError):
+            continue
+        if title.startswith("ray::ProxyActor"):
+            roles[p.pid] = "proxy"
+        elif title.startswith("ray::ServeReplica:"):
+            roles[p.pid] = title.split()[0].removeprefix("ray::ServeReplica:").split(".")[0]
+            if roles[p.pid].endswith(":Decoder"):
+                with contextlib.suppress(psutil.Error):
+                    for c in p.children():
+                        roles[c.pid] = roles[p.pid].removesuffix("Decoder") + "engine"
+    return roles
+
+
+def cpu_seconds(pids) -> dict[int, float]:
+    import psutil
+
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            out[pid] = t.user + t.system
+    return out
+
+
+def cpu_per_token(roles: dict[int, str], before: dict[int, float], client_before: float, tokens: int,
+                  prefix: str) -> dict[str, float]:
+    """CPU ms per output token of the proxy, of `prefix`'s replicas and engine process, and of the load
+    generator (this process), over one cell."""
+    import psutil
+
+    after = cpu_seconds(before)
+    t = psutil.Process().cpu_times()
+    out = {"client": (t.user + t.system - client_before) * 1e3 / max(1, tokens)}
+    for pid, role in roles.items():
+        if pid in before and pid in after and (role == "proxy" or role.startswith(prefix + ":")):
+            key = role.removeprefix(prefix + ":")
+            out[key] = out.get(key, 0.0) + (after[pid] - before[pid]) * 1e3 / max(1, tokens)
+    return {k: round(v, 4) for k, v in out.items()}
+
+
 def grid(urls: dict[str, str], levels, tokens, quick: bool, stats_at: int | None = None) -> list[dict]:
     """Each (level, tokens, stream) cell on every side, the sides alternating; vlora's in-replica step time
-    at `stats_at` streams when its Decoder reports it."""
+    and every side's CPU per token by process at `stats_at` streams."""
+    import psutil
+
     rows = []
+    roles = serving_processes() if stats_at is not None else {}
     for level in levels:
         for n in tokens:
             for stream in (True, False):
                 row = dict(level=level, tokens=n, stream=stream, requests=requests_for(level, quick))
                 for side, url in urls.items():
                     before = decoder_loop_stats() if side == "vlora" and level == stats_at else None
+                    if level == stats_at:
+                        cpu0, t = cpu_seconds(roles), psutil.Process().cpu_times()
                     row[side] = asyncio.run(http_load(url, level, row["requests"], n, stream,
                                                       "floor" if side == "floor" else "tiny"))
+                    if level == stats_at:
+                        row[side]["cpu_ms_per_token"] = cpu_per_token(roles, cpu0, t.user + t.system,
+                                                                      row[side]["output_tokens"], side)
                     if before is not None:
                         after = decoder_loop_stats()
                         steps = after["steps"] - before["steps"]
@@ -393,6 +451,15 @@ def report(R: dict) -> str:
         lines.append(f"in-process AsyncEngine at {c} streams x {n} tokens: {r['tok_s']:.0f} tok/s "
                      f"({r['tok_s'] / eng[(c, n)]['tok_s']:.2f}x the engine stepped directly), step "
                      f"{r['step_ms']:.2f} ms vs {eng[(c, n)]['step_ms']:.2f} ms")
+    for r in aft["grid"]:
+        if "cpu_ms_per_token" in r["vlora"]:
+            f, v = r["floor"]["cpu_ms_per_token"], r["vlora"]["cpu_ms_per_token"]
+            path = sum(x for k, x in v.items() if k != "engine")
+            lines.append(f"CPU ms per output token, {r['level']} streams x {r['tokens']} "
+                         f"{'stream' if r['stream'] else 'non-stream'}: floor {sum(f.values()):.3f} ("
+                         + ", ".join(f"{k} {x:.3f}" for k, x in sorted(f.items(), key=lambda kv: -kv[1]))
+                         + f"); vlora {sum(v.values()):.3f} = path {path:.3f} + engine {v.get('engine', 0):.3f} ("
+                         + ", ".join(f"{k} {x:.3f}" for k, x in sorted(v.items(), key=lambda kv: -kv[1])) + ")")
     for r in aft["grid"]:
         if "replica_step_ms" in r["vlora"]:
             lines.append(f"Decoder replica under HTTP load, {r['level']} streams x {r['tokens']} "
