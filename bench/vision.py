@@ -161,7 +161,7 @@ def profile_towers(hf, ours: VisionEncoder, grid, device: str, dtype: torch.dtyp
     runs = {"hf": lambda: hf(pixels, grid_thw=grid_thw), "vlora": lambda: ours.encode([pixels], [grid])}
     walls: dict[str, list[float]] = {n: [] for n in runs}
     kinds: dict[str, list[dict]] = {n: [] for n in runs}
-    ops: dict[str, dict[str, list]] = {n: {} for n in runs}
+    ops: dict[str, list[dict]] = {n: [] for n in runs}  # per round: op -> (ms, calls) per forward
     with torch.inference_mode():
         for fn in runs.values():
             fn(), fn()
@@ -173,23 +173,28 @@ def profile_towers(hf, ours: VisionEncoder, grid, device: str, dtype: torch.dtyp
                 with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                     fn(), fn()
                 k: dict[str, float] = {}
+                o: dict[str, list] = {}
                 for e in prof.key_averages(group_by_input_shape=True):
                     ms = e.self_cpu_time_total / 1e3 / 2
                     kind = _kind(e.key, e.input_shapes, h * w, ours.patch_dim)
                     k[kind] = k.get(kind, 0.0) + ms
-                    op = ops[name].setdefault(e.key, [0.0, 0])
-                    op[0] += ms / rounds
+                    op = o.setdefault(e.key, [0.0, 0])
+                    op[0] += ms
                     op[1] += e.count // 2
                 kinds[name].append(k)
+                ops[name].append(o)
     out: dict = {}
     for name in runs:
         med = {kind: statistics.median(r.get(kind, 0.0) for r in kinds[name]) for kind in
                ("sdpa_full", "sdpa_window", "patch_embed", "linear", "other")}
-        top = sorted(ops[name].items(), key=lambda kv: -kv[1][0])[:12]
+        names = {op for r in ops[name] for op in r}
+        op_ms = {op: statistics.median(r.get(op, (0.0, 0))[0] for r in ops[name]) for op in names}
+        calls = {op: max(r.get(op, (0.0, 0))[1] for r in ops[name]) for op in names}
+        top = sorted(op_ms.items(), key=lambda kv: -kv[1])[:12]
         out[name] = {"wall_ms": statistics.median(walls[name]),
                      "profiled_total_ms": statistics.median(sum(r.values()) for r in kinds[name]),
-                     "kinds_ms": med, "ops": {op: {"ms": v[0], "calls": v[1] // rounds} for op, v in top},
-                     "ops_per_forward": sum(v[1] for v in ops[name].values()) // rounds}
+                     "kinds_ms": med, "ops": {op: {"ms": ms, "calls": calls[op]} for op, ms in top},
+                     "ops_per_forward": sum(calls.values())}
     floor = statistics.median(sum(r.get(k, 0.0) for k in ("sdpa_full", "patch_embed", "linear")) for r in kinds["vlora"])
     out["vlora_sdpa_full_and_gemm_ms"] = floor
     out["max_speedup_if_all_other_work_were_free"] = out["hf"]["wall_ms"] / floor
