@@ -91,7 +91,8 @@ class VisionEncoder:
             return []
         with torch.inference_mode():
             batch = self.tower.plan(list(grids))
-            pixels = torch.cat([p.to(device=self.device, dtype=self.dtype) for p in pixel_values_list])
+            pixels = [p.to(device=self.device, dtype=self.dtype) for p in pixel_values_list]
+            pixels = pixels[0] if len(pixels) == 1 else torch.cat(pixels)
             embeddings = self.tower(pixels, batch)
         self.num_forwards += 1
         self.num_images += len(grids)

@@ -13,7 +13,13 @@ attention. With flash-attn importable (CUDA, half precision) both run packed thr
 `flash_attn_varlen_func` in one call each, with no padding.
 
 Numerics follow HF's modules exactly (RMSNorm in fp32, rotary in fp32, exact GELU in the merger),
-so the output matches `Qwen2_5_VisionTransformerPretrainedModel` to float tolerance.
+so the output matches `Qwen2_5_VisionTransformerPretrainedModel` to float tolerance. One layout
+change: q and k projection rows are stored with each head's rotate-half pairs side by side
+(`interleave_pairs`, at load), so the rotary embedding is one complex multiply instead of
+slicing, negating and concatenating; attention is unchanged because q.k sums over all head dims.
+
+On a CPU the tiny tower's time is mostly SDPA in the full-attention layers and GEMMs, which HF's
+tower runs too; `bench/vision.py --profile` and bench/RESULTS.md give the split.
 """
 
 from __future__ import annotations
@@ -105,8 +111,7 @@ class GridLayout:
     window_order: torch.Tensor  # [n] long: image patch index at each window-order position
     window_lengths: tuple[int, ...]  # patches per (non-empty) window, in window order
     frame_lengths: tuple[int, ...]  # patches per frame: full attention stays within a frame
-    cos: torch.Tensor  # [n, head_dim] float32, window order
-    sin: torch.Tensor
+    rotary: torch.Tensor  # [n, head_dim / 2] complex64, window order: cos + i sin of HF's angles
     unpermute: torch.Tensor  # [n / merge_unit] long: window-order merged row of each output token
 
     @property
@@ -139,10 +144,9 @@ def build_grid_layout(cfg: VisionConfig, grid: Grid) -> GridLayout:
     pos = torch.stack([hpos, wpos], dim=-1).repeat(t, 1)  # [n, 2]
     spatial_dim = cfg.head_dim // 2
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, spatial_dim, 2, dtype=torch.float) / spatial_dim))
-    freqs = (pos[..., None].float() * inv_freq).flatten(1)  # [n, head_dim / 2]: h angles, then w angles
-    emb = torch.cat([freqs, freqs], dim=-1)[window_order]
+    freqs = (pos[..., None].float() * inv_freq).flatten(1)[window_order]  # [n, head_dim / 2]: h, then w angles
     return GridLayout(window_order=window_order, window_lengths=window_lengths, frame_lengths=(h * w,) * t,
-                      cos=emb.cos(), sin=emb.sin(), unpermute=torch.argsort(merged_order))
+                      rotary=torch.complex(freqs.cos(), freqs.sin()), unpermute=torch.argsort(merged_order))
 
 
 # -- Segments: windows or images, padded (SDPA) or packed (flash-attn) ------------------------------
@@ -196,18 +200,16 @@ class Segments:
     scatter: torch.Tensor | None
     cu_seqlens: torch.Tensor  # [num + 1] int32
     max_len: int
-    cos: torch.Tensor  # rotary tables in this layout (padded slots, or packed rows)
-    sin: torch.Tensor
+    rotary: torch.Tensor  # [rows, head_dim / 2] complex rotary table in this layout (padded slots, or packed rows)
 
     @staticmethod
-    def build(lengths: list[int], cos: torch.Tensor, sin: torch.Tensor, packed: bool, device: torch.device,
+    def build(lengths: list[int], rotary: torch.Tensor, packed: bool, device: torch.device,
               budget: float = math.inf) -> "Segments":
         lens = torch.tensor(lengths)
         cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
         L = max(lengths)
         if packed or all(x == L for x in lengths):
-            return Segments((PadGroup(len(lengths), L, None),), None, None, cu.to(device), L,
-                            cos.to(device), sin.to(device))
+            return Segments((PadGroup(len(lengths), L, None),), None, None, cu.to(device), L, rotary.to(device))
         starts = cu[:-1].long()
         groups, gather, slot_of_row = [], [], torch.empty(int(cu[-1]), dtype=torch.long)
         offset = 0
@@ -223,8 +225,7 @@ class Segments:
             groups.append(PadGroup(n, gl, mask))
             offset += n * gl
         g = torch.cat(gather)
-        return Segments(tuple(groups), g.to(device), slot_of_row.to(device), cu.to(device), L,
-                        cos[g].to(device), sin[g].to(device))
+        return Segments(tuple(groups), g.to(device), slot_of_row.to(device), cu.to(device), L, rotary[g].to(device))
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,13 +250,12 @@ class TowerBatch:
             windows += lay.window_lengths
             frames += lay.frame_lengths
             patch_off += lay.num_patches
-        cos = torch.cat([lay.cos for lay in layouts])
-        sin = torch.cat([lay.sin for lay in layouts])
+        rotary = torch.cat([lay.rotary for lay in layouts])
         return TowerBatch(
             grids=tuple(grids),
             window_order=torch.cat(orders).to(device),
-            windows=Segments.build(windows, cos, sin, packed, device),
-            frames=Segments.build(frames, cos, sin, packed, device, FULL_PAD_BUDGET),
+            windows=Segments.build(windows, rotary, packed, device),
+            frames=Segments.build(frames, rotary, packed, device, FULL_PAD_BUDGET),
             unpermute=torch.cat(unperm).to(device),
             num_tokens=tuple(lay.num_patches // merge_unit for lay in layouts),
         )
@@ -269,16 +269,32 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # HF's formula below, with fewer intermediate tensors
+            r = x.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+            return torch.mul(x, r).mul_(self.weight)
         y = x.float()
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [rows, ..., head_dim] rotated in fp32 (as HF does), back in x's dtype; q and k in one go."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+def _rotate(qk: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+    """q and k [rows, 2 * heads * head_dim] rotated in fp32 (as HF does), back in their dtype: [rows, 2, heads, head_dim].
+
+    HF rotates the halves of each head, `x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`. Our q and
+    k rows are stored pair-interleaved (`interleave_pairs`: dims i and i + head_dim/2 side by side), which
+    makes that rotation one complex multiply by cos + i sin. q.k is a sum over the head's dims, so their
+    order does not change attention.
+    """
+    rows, D = qk.shape[0], rotary.shape[-1] * 2
+    z = torch.view_as_complex(qk.float().view(rows, -1, D // 2, 2))
+    return torch.view_as_real(z * rotary.view(rows, 1, D // 2)).view(rows, 2, -1, D).to(qk.dtype)
+
+
+def interleave_pairs(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """q or k projection rows (weight or bias) of each head reordered [0, D/2, 1, D/2 + 1, ...]: HF's
+    rotate-half pairs side by side, for `_rotate`. Values unchanged, only their order."""
+    D = w.shape[0] // num_heads
+    return w.view(num_heads, 2, D // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 class VisionAttention(nn.Module):
@@ -292,16 +308,15 @@ class VisionAttention(nn.Module):
         n, H, D = x.shape[0], self.num_heads, self.head_dim
         qkv = self.qkv(x)
         if flash_attn_varlen_func is not None and seg.gather is None and _use_flash(x):
-            qkv = qkv.view(n, 3, H, D)
-            q, k = _rotate(qkv[:, :2], seg.cos.view(n, 1, 1, D), seg.sin.view(n, 1, 1, D)).unbind(1)
-            out = flash_attn_varlen_func(q, k, qkv[:, 2], seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len)
+            q, k = _rotate(qkv[:, : 2 * H * D], seg.rotary).unbind(1)
+            v = qkv[:, 2 * H * D :].view(n, H, D)
+            out = flash_attn_varlen_func(q, k, v, seg.cu_seqlens, seg.cu_seqlens, seg.max_len, seg.max_len)
             return self.proj(out.reshape(n, H * D))
         if seg.gather is not None:  # partial segments: pad each group to its longest
             qkv = qkv.index_select(0, seg.gather)
         rows = qkv.shape[0]
-        qkv = qkv.view(rows, 3, H, D)
-        q, k = _rotate(qkv[:, :2], seg.cos.view(rows, 1, 1, D), seg.sin.view(rows, 1, 1, D)).unbind(1)
-        v = qkv[:, 2]
+        q, k = _rotate(qkv[:, : 2 * H * D], seg.rotary).unbind(1)
+        v = qkv[:, 2 * H * D :].view(rows, H, D)
         outs, start = [], 0
         for g in seg.groups:  # one group unless segment lengths differ widely (see pad_groups)
             end = start + g.num * g.max_len
@@ -328,7 +343,7 @@ class VisionBlock(nn.Module):
     def forward(self, x: torch.Tensor, seg: Segments) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), seg)
         gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
-        return x + self.down(self.act(gate) * up)
+        return x.add_(self.down(self.act(gate).mul_(up)))
 
 
 class PatchMerger(nn.Module):
@@ -395,8 +410,14 @@ class VisionTower(nn.Module):
         w = state.pop("patch_embed.proj.weight", None)
         if w is not None:
             ours["patch_embed.weight"] = w.reshape(w.shape[0], -1)
+        H, hidden = self.cfg.num_heads, self.cfg.hidden_size
         for i in range(self.cfg.depth):
             p = f"blocks.{i}."
+            for kind in ("weight", "bias"):  # q and k rows pair-interleaved for `_rotate`
+                qkv = state.get(f"{p}attn.qkv.{kind}")
+                if qkv is not None and qkv.shape[0] == 3 * hidden:
+                    q, k, v = qkv.split(hidden)
+                    state[f"{p}attn.qkv.{kind}"] = torch.cat([interleave_pairs(q, H), interleave_pairs(k, H), v])
             for name in ("norm1.weight", "norm2.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
                          "attn.proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias"):
                 if p + name in state:

@@ -291,3 +291,47 @@ def test_rejects_weights_of_another_shape(tiny_model_dir):
         tower.load_checkpoint_state({**state, "blocks.99.norm1.weight": torch.ones(3)})
     with pytest.raises(ValueError, match=r"vision weight merger.fc2.weight: shape"):
         tower.load_checkpoint_state({**state, "merger.mlp.2.weight": torch.ones(3, 3)})
+
+
+# -- the fast paths compute HF's formulas --------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_on_interleaved_heads_is_hfs_rotate_half(dtype):
+    """q/k rows stored pair-interleaved + one complex multiply = HF's apply_rotary_pos_emb_vision, in
+    the interleaved order; in fp32 to rounding, in bf16 to one bf16 step at most."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    from vlora.engine.vision_tower import _rotate, interleave_pairs
+
+    rows, H, D = 37, 3, 16
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(rows, H, D, generator=gen).to(dtype) for _ in range(2))
+    angles = torch.rand(rows, D // 2, generator=gen) * 50
+    emb = torch.cat([angles, angles], -1)
+    hq, hk = apply_rotary_pos_emb_vision(q, k, emb.cos(), emb.sin())
+    qk = torch.cat([interleave_pairs(q.reshape(rows, H * D).T, H).T, interleave_pairs(k.reshape(rows, H * D).T, H).T], 1)
+    ours = _rotate(qk.contiguous(), torch.complex(angles.cos(), angles.sin()))
+    assert ours.shape == (rows, 2, H, D) and ours.dtype == dtype
+    for got, expected in zip(ours.unbind(1), (hq, hk)):
+        expected = interleave_pairs(expected.reshape(rows, H * D).T, H).T.reshape(rows, H, D)
+        diff = (got.float() - expected.float()).abs()
+        if dtype == torch.float32:
+            assert diff.max().item() <= 1e-6
+        else:  # one bf16 step of the value at most
+            assert (diff <= expected.float().abs() * 2**-7 + 1e-30).all()
+    # the interleave is a permutation: dims (i, i + D/2) of each head side by side
+    assert interleave_pairs(torch.arange(2 * D), 2).tolist() == [
+        h * D + j for h in range(2) for i in range(D // 2) for j in (i, i + D // 2)]
+
+
+def test_rms_norm_fp32_path_equals_hfs_exactly():
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+
+    from vlora.engine.vision_tower import RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(50, 64, generator=gen) * 3, torch.rand(64, generator=gen)
+    hf, ours = Qwen2_5_VLRMSNorm(64, eps=1e-6), RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        hf.weight.copy_(w), ours.weight.copy_(w)
+        assert torch.equal(ours(x), hf(x))
+        assert torch.equal(ours(x.bfloat16()), hf(x.bfloat16()))
