@@ -81,11 +81,6 @@ class EngineLimits(_Strict):
     engine_process: bool = Field(
         True, description="run the engine loop in a child process of the Decoder replica (vLLM v1's engine core), "
                           "so it shares no GIL with Serve's per-request work; false = a thread of the replica")
-    engine_process_nice: int | None = Field(
-        -5, ge=-20, le=19, description="CPU scheduling priority (nice value) of the engine process: below 0 its "
-                                       "steps win the CPU from the serving path's per-request work when cores are "
-                                       "short (raising priority needs CAP_SYS_NICE; without it the engine runs at "
-                                       "normal priority and says so in the log); null = the replica's own")
     max_grammars: int = Field(
         64, ge=1, description="compiled structured-output grammars kept per replica (least recently used evicted)")
     tensor_parallel_size: int = Field(

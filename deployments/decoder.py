@@ -70,7 +70,7 @@ class Decoder:
             from ray import cloudpickle  # engine calls below are closures; plain pickle takes none
 
             self.engine = EngineProcess(engine_config, interval_s, name=self.replica_id, dumps=cloudpickle.dumps,
-                                        tp=tp, nice=lim.engine_process_nice)
+                                        tp=tp)
         else:
             llm = LLMEngine(engine_config, tp=tp)
             llm.name = self.replica_id

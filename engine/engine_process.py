@@ -50,14 +50,13 @@ class EngineProcess(EngineFrontend):
 
     `dumps` serializes the functions given to `call`: plain `pickle` takes module-level functions
     only; a host that passes closures and lambdas supplies a serializer for them (the Decoder
-    passes Ray's cloudpickle). `tp`: the child is rank 0 of that tensor-parallel group. `nice`: the
-    child's CPU scheduling priority (None: this process's); a priority the OS refuses is logged and
-    the child runs at this process's. Waits for the model to load; raises if the child fails to start.
+    passes Ray's cloudpickle). `tp`: the child is rank 0 of that tensor-parallel group. Waits for the
+    model to load; raises if the child fails to start.
     """
 
     def __init__(self, config: EngineConfig, stream_interval_s: float = 0.0, name: str | None = None,
                  dumps: Callable[[Any], bytes] = pickle.dumps, start_timeout_s: float = 1800.0,
-                 tp: TPSpec | None = None, nice: int | None = None):
+                 tp: TPSpec | None = None):
         self.stream_interval_s = stream_interval_s
         self._dumps = dumps
         self._lock = threading.Lock()  # guards _pending, error, and the connection's send side
@@ -73,7 +72,7 @@ class EngineProcess(EngineFrontend):
             pass_fds=(theirs.fileno(),), env={**os.environ, "VLORA_TORCH_THREADS": str(torch.get_num_threads())})
         theirs.close()
         self._conn = Connection(ours.detach())
-        _send(self._conn, ("init", config, name, tp, nice))
+        _send(self._conn, ("init", config, name, tp))
         deadline = time.monotonic() + start_timeout_s
         while not self._conn.poll(0.2):
             code = self._proc.poll()
@@ -88,7 +87,6 @@ class EngineProcess(EngineFrontend):
             self._proc.wait(timeout=10)
             raise RuntimeError(f"the engine failed to start: {info}")
         self.max_model_len: int = info["max_model_len"]
-        self.nice: int = info["nice"]  # the child's scheduling priority as the OS granted it
         self.pid: int = self._proc.pid
         self._reader = threading.Thread(target=self._read, name="vlora-engine-reader", daemon=True)
         self._reader.start()
@@ -339,31 +337,20 @@ class _Core:
             _send(self.conn, ("out", ready))
 
 
-def _set_priority(nice: int) -> None:
-    """This process's nice value; a refusal (raising priority needs CAP_SYS_NICE) is logged, not fatal."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
-    except OSError as exc:
-        log.warning("the engine process keeps nice %d: setting %d was refused (%s); its steps compete for the "
-                    "CPU on equal terms with the serving path", os.getpriority(os.PRIO_PROCESS, 0), nice, exc)
-
-
 def _child_main(fd: int) -> None:
     conn = Connection(fd)
     threads = os.environ.get("VLORA_TORCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        _, config, name, tp, nice = _recv(conn)
-        if nice is not None:
-            _set_priority(nice)
+        _, config, name, tp = _recv(conn)
         engine = LLMEngine(config, tp=tp)
         engine.name = name
     except BaseException as exc:  # noqa: BLE001 - told to the parent, which raises it
         log.exception("the engine failed to start")
         _send(conn, ("failed", f"{type(exc).__name__}: {exc}"))
         return
-    _send(conn, ("ready", {"max_model_len": engine.max_model_len, "nice": os.getpriority(os.PRIO_PROCESS, 0)}))
+    _send(conn, ("ready", {"max_model_len": engine.max_model_len}))
     core = _Core(conn, engine)
     try:
         core.serve()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import time
 
 import pytest
@@ -32,33 +31,11 @@ def adapter_dir(hf_model, tmp_path_factory):
     return random_peft_adapter(hf_model, tmp_path_factory.mktemp("adapters") / "a1", seed=1, r=4, alpha=8)
 
 
-# a lower priority than this process's: the OS grants that without privileges
-CHILD_NICE = min(19, max(0, os.getpriority(os.PRIO_PROCESS, 0)) + 3)
-
-
 @pytest.fixture(scope="module")
 def proc(tiny_model_dir):
-    p = EngineProcess(config(tiny_model_dir), stream_interval_s=0.0, name="replica-7", dumps=cloudpickle.dumps,
-                      nice=CHILD_NICE)
+    p = EngineProcess(config(tiny_model_dir), stream_interval_s=0.0, name="replica-7", dumps=cloudpickle.dumps)
     yield p
     p.shutdown()
-
-
-def test_the_engine_process_runs_at_the_priority_asked(proc):
-    assert proc.nice == CHILD_NICE == os.getpriority(os.PRIO_PROCESS, proc.pid)
-    assert os.getpriority(os.PRIO_PROCESS, 0) != CHILD_NICE  # this process is unchanged
-
-
-def test_a_refused_priority_is_logged_and_the_engine_still_starts(monkeypatch, caplog):
-    from vlora.engine import engine_process
-
-    def refuse(*_):
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(engine_process.os, "setpriority", refuse)
-    with caplog.at_level("WARNING", logger="vlora.engine.engine_process"):
-        engine_process._set_priority(-5)
-    assert "setting -5 was refused" in caplog.text and "Operation not permitted" in caplog.text
 
 
 async def collect(agen) -> list:
