@@ -141,15 +141,11 @@ def learn(argv=None) -> dict:
         snaps: dict[int, tuple[LoRAWeights, float]] = {}
 
         def snapshot(step, loss):
-            if step in checkpoints:  # the live PEFT layers, as `LoRATrainer._extract` reads them
-                ws, scaling = {}, None
-                for i, layer in enumerate(trainer.model.model.language_model.layers):
-                    for mod, parent in _MODULE_PARENT.items():
-                        m = getattr(getattr(layer, parent), mod)
-                        ws[(i, mod)] = (m.lora_A["default"].weight.detach().clone(),
-                                        m.lora_B["default"].weight.detach().clone())
-                        scaling = float(m.scaling["default"])
-                snaps[step] = (LoRAWeights(rank=8, scaling=scaling, weights=ws), loss)
+            if step in checkpoints:  # the live PEFT layers, read as the job's end reads them
+                layers = {(i, mod): getattr(getattr(layer, parent), mod)
+                          for i, layer in enumerate(trainer.model.model.language_model.layers)
+                          for mod, parent in _MODULE_PARENT.items()}
+                snaps[step] = (LoRATrainer._extract(layers, 8), loss)
 
         t0 = time.perf_counter()
         result = trainer.train([_tool_example(q, n) for q, n in train_set], steps=max(checkpoints),
@@ -167,7 +163,7 @@ def learn(argv=None) -> dict:
             row["same_with_?_appended"] = sum(x == y for p in padded for x, y in zip(p, held))
             rows.append(row)
             engine.remove_lora("probe")
-        out["sets"][label] = {"train_seconds": time.perf_counter() - t0, "rows": rows}
+        out["sets"][label] = {"seconds": time.perf_counter() - t0, "rows": rows}
         print(label, f"(held-out {len(HELD_OUT)}, train {len(train_set)})")
         for row in rows:
             print("  ", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
