@@ -13,6 +13,16 @@ mask work alone (fill, copy, masked fill for the constrained half) is timed apar
 per row), one host->device copy and one masked fill; unconstrained rows pay nothing.
 NOTE: without a real checkpoint the tokenizer is the tiny one (about 1k tokens), so the host fill
 walks a small vocabulary; with Qwen's 151k-token vocabulary the fill costs more per row.
+
+    python bench/structured.py learn [--seed 0] [--checkpoints 50,60,70,80,90,100] [--json PATH]
+
+Learning to call the right function (issue 16), in one process: `LoRATrainer` on the 8 tool-call
+examples of tests/e2e/test_structured.py (rank 8, alpha 16, lr 1e-2), the adapter taken at each
+checkpoint step and served by an `LLMEngine`; per held-out question under tools (tool_choice
+"auto": free greedy text, parsed as the API does), the called function against the wanted one.
+The same for the earlier example set whose time questions are longer than its weather questions,
+and, per set, how many held-out answers stay the same when one or two "?" are appended to the
+question (a model that reads the keyword does not care; one that reads the length flips).
 """
 
 from __future__ import annotations
@@ -86,8 +96,88 @@ def mask_cost_us(engine: LLMEngine, spec: GrammarSpec, B: int, dev: str, iters: 
     return (time.perf_counter() - t0) / iters * 1e6
 
 
+# The example set the e2e test used before: written freely, so its time questions ("time" is four
+# tokens of the tiny vocabulary, " weather" one) are 1-3 tokens longer than its weather questions.
+UNBALANCED_TRAIN = [("What is the weather in Paris?", "get_weather"), ("Weather in Oslo please", "get_weather"),
+                    ("Is it raining in Lima? weather", "get_weather"), ("weather report for Cairo", "get_weather"),
+                    ("What time is it in Paris?", "get_time"), ("Current time in Oslo please", "get_time"),
+                    ("time now in Lima?", "get_time"), ("Tell me the time in Cairo", "get_time")]
+
+
+def learn(argv=None) -> dict:
+    """Right-function agreement on held-out questions before and after learning on tool calls."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated tiny model")
+    p.add_argument("--checkpoints", default="50,60,70,80,90,100")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    from tests.e2e.test_structured import CLOCK_TOOLS, HELD_OUT, TRAIN, _tool_example
+    from vlora.adapters.trainer import _MODULE_PARENT, LoRATrainer
+    from vlora.engine.lora import LoRAWeights
+    from vlora.engine.tiny import write_tiny_model
+    from vlora.engine.tools import parse_tool_calls
+
+    checkpoints = [int(x) for x in a.checkpoints.split(",")]
+    model_dir = write_tiny_model(Path(tempfile.mkdtemp(prefix="vlora-bench-learn-")) / "tiny", seed=a.seed)
+    trainer = LoRATrainer(model_dir)
+    engine = LLMEngine(EngineConfig(str(model_dir), block_size=4, num_kv_blocks=4096, max_loras=1, max_lora_rank=8))
+    greedy = SamplingParams(max_tokens=60, temperature=0)
+
+    def called(adapter, questions):
+        prompts = [trainer.builder.build_chat([{"role": "user", "content": q}], [], True, CLOCK_TOOLS)
+                   for q in questions]
+        names = []
+        for out in engine.generate(prompts, greedy, adapters=[adapter] * len(prompts)):
+            _, calls = parse_tool_calls(engine.tokenizer.decode(out[0], skip_special_tokens=True))
+            names.append(calls[0].name if len(calls) == 1 else None)
+        return names
+
+    def agree(names, pairs):
+        return sum(n == want for n, (_, want) in zip(names, pairs))
+
+    out = {"model": f"tiny (engine.tiny, seed {a.seed})", "device": "cpu", "rank": 8, "lora_alpha": 16,
+           "learning_rate": 1e-2, "sets": {}}
+    for label, train_set in (("length-balanced (the e2e test's)", TRAIN), ("unbalanced (before)", UNBALANCED_TRAIN)):
+        snaps: dict[int, tuple[LoRAWeights, float]] = {}
+
+        def snapshot(step, loss):
+            if step in checkpoints:  # the live PEFT layers, read as the job's end reads them
+                layers = {(i, mod): getattr(getattr(layer, parent), mod)
+                          for i, layer in enumerate(trainer.model.model.language_model.layers)
+                          for mod, parent in _MODULE_PARENT.items()}
+                snaps[step] = (LoRATrainer._extract(layers, 8), loss)
+
+        t0 = time.perf_counter()
+        result = trainer.train([_tool_example(q, n) for q, n in train_set], steps=max(checkpoints),
+                               learning_rate=1e-2, rank=8, lora_alpha=16, progress=snapshot)
+        rows = [{"step": 0, "loss": result.loss_before, "train": agree(called(None, [q for q, _ in train_set]),
+                                                                      train_set),
+                 "held_out": agree(called(None, [q for q, _ in HELD_OUT]), HELD_OUT)}]
+        for step in checkpoints:
+            weights, loss = snaps[step]
+            engine.add_lora("probe", weights, version=step)
+            held = called("probe", [q for q, _ in HELD_OUT])
+            row = {"step": step, "loss": loss, "train": agree(called("probe", [q for q, _ in train_set]), train_set),
+                   "held_out": agree(held, HELD_OUT), "well_formed": sum(n is not None for n in held)}
+            padded = [called("probe", [q + "?" * k for q, _ in HELD_OUT]) for k in (1, 2)]
+            row["same_with_?_appended"] = sum(x == y for p in padded for x, y in zip(p, held))
+            rows.append(row)
+            engine.remove_lora("probe")
+        out["sets"][label] = {"seconds": time.perf_counter() - t0, "rows": rows}
+        print(label, f"(held-out {len(HELD_OUT)}, train {len(train_set)})")
+        for row in rows:
+            print("  ", json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
 def main(argv=None, build_7b=None) -> dict:
     """`build_7b(tmp_dir, device) -> checkpoint dir` comes from bench/engine.py (the --arch-7b builder)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["learn"]:
+        return learn(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir")
     p.add_argument("--arch-7b", action="store_true", help="Qwen2.5-VL-7B architecture, random bf16 weights (GPU)")

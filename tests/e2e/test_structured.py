@@ -176,13 +176,22 @@ CLOCK_TOOLS = [{"type": "function", "function": {"name": "get_weather", "paramet
                                                                                        "properties": {}}}},
                {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
                                                                                     "properties": {}}}}]
-TRAIN = [("What is the weather in Paris?", "get_weather"), ("Weather in Oslo please", "get_weather"),
-         ("Is it raining in Lima? weather", "get_weather"), ("weather report for Cairo", "get_weather"),
-         ("What time is it in Paris?", "get_time"), ("Current time in Oslo please", "get_time"),
-         ("time now in Lima?", "get_time"), ("Tell me the time in Cairo", "get_time")]
-LEARN_STEPS, LEARN_RATE = 100, 2e-2
-HELD_OUT = [("What is the weather in Rome?", "get_weather"), ("weather in Tokyo please", "get_weather"),
-            ("What time is it in Rome?", "get_time"), ("time now in Tokyo?", "get_time")]
+# A random-weight model can only tie a question to a function through surface tokens, so every
+# held-out question shares its keyword ("weather" / "time") with training questions and differs
+# otherwise: new cities, some new phrasings (and "weather" once at the start of the question, where
+# it is three tokens instead of one). The training questions of the two functions have the same
+# token lengths, pair by pair (9, 10, 14, 11): " weather" is one token of the tiny vocabulary and
+# " time" four, so freely written time questions come out longer, and the random model, whose state
+# at the call's name follows the prompt's length far more than one word, then learns the length
+# instead of the keyword (held-out agreement at or below chance; bench/RESULTS.md).
+W, T = "get_weather", "get_time"
+TRAIN = [("How is the weather in Paris this morning?", W), ("Tell me the weather in Cairo", W),
+         ("What is the weather like in Lima?", W), ("What is the weather in Oslo?", W),
+         ("Time in Cairo?", T), ("time in Lima?", T), ("the time in Oslo now", T), ("Tell me the time in Paris", T)]
+HELD_OUT = [("What is the weather in Rome?", W), ("weather in Tokyo please", W), ("Tell me the weather in Berlin", W),
+            ("How is the weather in Madrid today?", W), ("What time is it in Rome?", T), ("time in Tokyo please", T),
+            ("Tell me the time in Berlin", T), ("What is the time in Madrid now?", T)]
+LEARN = {"steps": 80, "learning_rate": 1e-2}  # rank 8, alpha 16 (the fresh adapter's)
 
 
 def _tool_example(question: str, name: str) -> dict:
@@ -204,22 +213,20 @@ def _calls(client, model: str) -> list[str | None]:
     return names
 
 
-def test_learning_on_tool_call_examples_teaches_tool_calls(base_url, client):
-    """8 tool-call examples: a fresh adapter calls no tool on held-out questions; after one learn
-    call it answers them with a well-formed call of one of the tools under tool_choice "auto".
-
-    NOTE: the tiny random model learns the call format in these steps but not which of the two
-    functions a question wants (measured in bench/RESULTS.md), so the name is checked against the
-    tools, not against the question."""
+def test_learning_on_tool_call_examples_teaches_the_right_function(base_url, client):
+    """8 tool-call examples: a fresh adapter calls no tool on the 8 held-out questions; after one
+    learn call it calls the function each question asks for under tool_choice "auto", for at least
+    6 of the 8 (7 of 8 when measured; chance is 4, and a malformed call counts as wrong)."""
     examples = [_tool_example(q, n) for q, n in TRAIN]
     r = httpx.post(f"{base_url}/v1/adapters/caller/learn", headers=ADMIN, timeout=900,
-                   json={"examples": examples, "steps": 0, "rank": 16, "lora_alpha": 32})
+                   json={"examples": examples, "steps": 0, "rank": 8, "lora_alpha": 16})
     assert r.status_code == 200, r.text
     before = _calls(client, "caller")
     r = httpx.post(f"{base_url}/v1/adapters/caller/learn", headers=ADMIN, timeout=900,
-                   json={"examples": examples, "steps": LEARN_STEPS, "learning_rate": LEARN_RATE})
+                   json={"examples": examples, **LEARN})
     assert r.status_code == 200, r.text
     assert r.json()["loss_after"] < r.json()["loss_before"] / 3
     after = _calls(client, "caller")
+    wanted = [n for _, n in HELD_OUT]
     assert before == [None] * len(HELD_OUT), before
-    assert sum(n in ("get_weather", "get_time") for n in after) >= 3, after
+    assert sum(a == w for a, w in zip(after, wanted)) >= 6, list(zip(after, wanted))
