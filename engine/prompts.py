@@ -99,7 +99,7 @@ def _rebuild_prompt(token_ids, positions, rope_delta, image_grids, image_token_s
     if positions is None:  # text only: every row counts 0..L-1
         pos = torch.arange(len(token_ids)).expand(3, -1).contiguous()
     else:
-        pos = torch.from_numpy(positions)
+        pos = torch.from_numpy(positions if positions.flags.writeable else positions.copy())  # Ray's buffers are read-only
     return PreparedPrompt(token_ids, pos, rope_delta, image_grids, image_token_spans, num_image_tokens)
 
 
