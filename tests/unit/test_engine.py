@@ -45,21 +45,26 @@ def assert_pool_free(engine):
     assert engine.pool.num_free_blocks == engine.pool.num_blocks
 
 
-def test_packed_forward_logits_match_hf(tiny_model_dir, hf_model):
-    """Two prefills then a mixed decode step through the paged cache: logits within 1e-4 of HF."""
-    m = QwenTextModel.from_pretrained(tiny_model_dir)
-    c = m.cfg
-    kv = KVCache(c.num_layers, 16, 4, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
+def check_packed_forward_matches_hf(forward, hf_model) -> None:
+    """Two prefills then a mixed decode step through the paged cache: logits within 1e-4 of HF.
+    `forward(ids, positions, meta)` is the model's packed forward over its own KV cache."""
     a, b = [5, 6, 7, 8, 9, 10, 11], [20, 21, 22]
     meta = AttentionMetadata.build([[3, 1], [7]], [0, 0], [7, 3], 4, "cpu")
     pos = torch.cat([torch.arange(7), torch.arange(3)]).expand(3, -1)
-    lg = m(torch.tensor(a + b), pos, meta, kv.k, kv.v)
+    lg = forward(torch.tensor(a + b), pos, meta)
     assert (lg[:7] - hf_logits(hf_model, a)).abs().max() < 1e-4
     assert (lg[7:] - hf_logits(hf_model, b)).abs().max() < 1e-4
     meta = AttentionMetadata.build([[3, 1], [7]], [7, 3], [1, 1], 4, "cpu")
-    lg = m(torch.tensor([3, 4]), torch.tensor([7, 3]).expand(3, -1), meta, kv.k, kv.v)
+    lg = forward(torch.tensor([3, 4]), torch.tensor([7, 3]).expand(3, -1), meta)
     assert (lg[0] - hf_logits(hf_model, a + [3])[-1]).abs().max() < 1e-4
     assert (lg[1] - hf_logits(hf_model, b + [4])[-1]).abs().max() < 1e-4
+
+
+def test_packed_forward_logits_match_hf(tiny_model_dir, hf_model):
+    m = QwenTextModel.from_pretrained(tiny_model_dir)
+    c = m.cfg
+    kv = KVCache(c.num_layers, 16, 4, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
+    check_packed_forward_matches_hf(lambda ids, pos, meta: m(ids, pos, meta, kv.k, kv.v), hf_model)
 
 
 def test_text_prompts_greedy_match_hf(engine, builder, hf_model):
@@ -77,8 +82,8 @@ def _images(hf_image_processor, sizes, seed=0):
     return feats, grids
 
 
-@pytest.mark.parametrize("sizes", [[(56, 84)], [(84, 56), (112, 112)]], ids=["one-image", "two-images"])
-def test_image_prompts_greedy_match_hf(engine, builder, vision, hf_model, hf_image_processor, sizes):
+def check_image_prompt_matches_hf(engine, builder, vision, hf_model, hf_image_processor, sizes) -> None:
+    """One image prompt, greedy with logprobs: HF's tokens, and log_softmax of HF's logits for them."""
     feats, grids = _images(hf_image_processor, sizes)
     prompt = chat(builder, "What colour is this?", grids)
     counts = [t * h * w for t, h, w in grids]
@@ -102,6 +107,11 @@ def test_image_prompts_greedy_match_hf(engine, builder, vision, hf_model, hf_ima
         assert [t for t, _ in lp.top] == top_ids
         assert all(abs(v - ref_lp[k, t].item()) < 1e-4 for t, v in lp.top)
     assert_pool_free(engine)
+
+
+@pytest.mark.parametrize("sizes", [[(56, 84)], [(84, 56), (112, 112)]], ids=["one-image", "two-images"])
+def test_image_prompts_greedy_match_hf(engine, builder, vision, hf_model, hf_image_processor, sizes):
+    check_image_prompt_matches_hf(engine, builder, vision, hf_model, hf_image_processor, sizes)
 
 
 def test_continuous_batching_16_requests_joining_at_different_steps(engine, tokenizer, hf_model):

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from vlora.adapters.peft_io import load_peft_adapter
-from vlora.engine.attention import AttentionMetadata
 from vlora.engine.config import EngineConfig
 from vlora.engine.engine import LLMEngine
 from vlora.engine.lora import LoRAWeights
-from vlora.engine.prompts import PromptBuilder
 from vlora.engine.sampling import SamplingParams
 from vlora.engine.tp import TPGroupError, TPSpec, free_port
 from vlora.engine.tp_worker import run_worker
 from vlora.engine.vision import VisionEncoder
-from tests.unit.oracle import hf_generate, hf_logits, peft_generate, random_image
+from tests.unit.oracle import hf_generate, peft_generate
+from tests.unit.test_engine import (  # noqa: F401 - builder is a fixture
+    assert_pool_free, builder, chat, check_image_prompt_matches_hf, check_packed_forward_matches_hf)
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -43,21 +43,6 @@ def tp_engine(tiny_model_dir):
     engine.tp.stop()
     worker.join(timeout=30)
     assert worker.exitcode == 0  # the worker left its loop on "stop"
-
-
-@pytest.fixture(scope="module")
-def builder(tiny_model_dir):
-    return PromptBuilder.from_pretrained(tiny_model_dir)
-
-
-def chat(builder, text, grids=()):
-    parts = [{"type": "image_url", "image_url": {"url": "x"}} for _ in grids] + [{"type": "text", "text": text}]
-    return builder.build_chat([{"role": "user", "content": parts}], list(grids))
-
-
-def assert_pool_free(engine):
-    assert not engine.has_unfinished()
-    assert engine.pool.num_free_blocks == engine.pool.num_blocks
 
 
 def test_each_rank_holds_its_heads_and_columns(tp_engine):
@@ -81,18 +66,9 @@ def test_each_rank_holds_its_heads_and_columns(tp_engine):
 
 
 def test_packed_forward_logits_match_hf(tp_engine, hf_model):
-    """Two prefills then a mixed decode step through both ranks' paged caches: logits within 1e-4 of HF."""
     e = tp_engine
-    a, b = [5, 6, 7, 8, 9, 10, 11], [20, 21, 22]
-    meta = AttentionMetadata.build([[3, 1], [7]], [0, 0], [7, 3], 4, "cpu")
-    pos = torch.cat([torch.arange(7), torch.arange(3)]).expand(3, -1)
-    lg = e.tp(torch.tensor(a + b), pos, meta, e.kv.k_flat, e.kv.v_flat, slots=e.slots)
-    assert (lg[:7] - hf_logits(hf_model, a)).abs().max() < 1e-4
-    assert (lg[7:] - hf_logits(hf_model, b)).abs().max() < 1e-4
-    meta = AttentionMetadata.build([[3, 1], [7]], [7, 3], [1, 1], 4, "cpu")
-    lg = e.tp(torch.tensor([3, 4]), torch.tensor([7, 3]).expand(3, -1), meta, e.kv.k_flat, e.kv.v_flat, slots=e.slots)
-    assert (lg[0] - hf_logits(hf_model, a + [3])[-1]).abs().max() < 1e-4
-    assert (lg[1] - hf_logits(hf_model, b + [4])[-1]).abs().max() < 1e-4
+    check_packed_forward_matches_hf(lambda ids, pos, meta: e.tp(ids, pos, meta, e.kv.k_flat, e.kv.v_flat,
+                                                                 slots=e.slots), hf_model)
 
 
 def test_text_prompts_greedy_match_hf(tp_engine, builder, hf_model):
@@ -107,28 +83,8 @@ def test_text_prompts_greedy_match_hf(tp_engine, builder, hf_model):
 @pytest.mark.parametrize("sizes", [[(56, 84)], [(84, 56), (112, 112)]], ids=["one-image", "two-images"])
 def test_image_prompts_greedy_match_hf(tp_engine, builder, hf_model, hf_image_processor, tiny_model_dir, sizes):
     """The vision tower is not sharded: rank 0 receives the embeddings and sends them with the step."""
-    imgs = [random_image(i, h, w) for i, (h, w) in enumerate(sizes)]
-    feats = hf_image_processor(images=imgs, return_tensors="pt")
-    grids = [tuple(g) for g in feats["image_grid_thw"].tolist()]
-    prompt = chat(builder, "What colour is this?", grids)
-    counts = [t * h * w for t, h, w in grids]
-    embeds = torch.cat(VisionEncoder.from_pretrained(tiny_model_dir).encode(list(feats["pixel_values"].split(counts)),
-                                                                             grids))
-    rid = tp_engine.add_request(prompt, SamplingParams(max_tokens=10, logprobs=True, top_logprobs=5, **GREEDY),
-                                image_embeds=embeds)
-    toks, lps = [], []
-    while tp_engine.has_unfinished():
-        for o in tp_engine.step():
-            assert o.request_id == rid
-            toks += o.choices[0].token_ids
-            lps += o.choices[0].logprobs
-    assert toks == hf_generate(hf_model, prompt.token_ids, 10, feats["pixel_values"], feats["image_grid_thw"])
-    full = hf_logits(hf_model, prompt.token_ids + toks, feats["pixel_values"], feats["image_grid_thw"])
-    ref_lp = torch.log_softmax(full[len(prompt.token_ids) - 1:-1], dim=-1)
-    for k, lp in enumerate(lps):
-        assert abs(lp.logprob - ref_lp[k, toks[k]].item()) < 1e-4
-        assert [t for t, _ in lp.top] == ref_lp[k].topk(5).indices.tolist()
-    assert_pool_free(tp_engine)
+    check_image_prompt_matches_hf(tp_engine, builder, VisionEncoder.from_pretrained(tiny_model_dir), hf_model,
+                                  hf_image_processor, sizes)
 
 
 def test_three_adapters_and_base_in_one_batch_match_hf_peft(tp_engine, builder, hf_model, peft_adapters):
