@@ -34,11 +34,9 @@ QWEN_SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 
-# Qwen2.5-VL-Instruct's chat template (default system turn, image/video parts as vision pads).
-QWEN2_5_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+# One message of Qwen2.5-VL-Instruct's chat template: its turn, with image/video parts as vision pads
+# (engine/tools.py's tool-calling template renders plain messages with it too).
+QWEN2_5_VL_MESSAGE = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
@@ -51,7 +49,16 @@ QWEN2_5_VL_CHAT_TEMPLATE = (
     "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
     "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}"
+    "{% endif %}"
+)
+
+# Qwen2.5-VL-Instruct's chat template (default system turn, image/video parts as vision pads).
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    + QWEN2_5_VL_MESSAGE +
+    "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
