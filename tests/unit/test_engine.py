@@ -169,6 +169,25 @@ def test_three_adapters_and_base_in_one_batch_match_hf_peft(engine, tokenizer, h
     assert_pool_free(engine)
 
 
+def flipped_weights(w: LoRAWeights) -> LoRAWeights:
+    """Another version of adapter `w`: its B matrices times -3 (different tokens, same shapes)."""
+    return LoRAWeights(w.rank, w.scaling, {k: (a, -3 * b) for k, (a, b) in w.weights.items()})
+
+
+def swap_mid_run(engine, prompt, sp, new_a1: LoRAWeights) -> list[list[int]]:
+    """Requests on a1, a2 and the base; a1's slot rewritten in place before step 5. Their tokens."""
+    rids = [engine.add_request(prompt, sp, a) for a in ["a1", "a2", None]]
+    got = {r: [] for r in rids}
+    steps = 0
+    while engine.has_unfinished():
+        if steps == 5:
+            engine.slots.load(engine.loras.resident["a1"], new_a1)  # in place, between steps
+        for o in engine.step():
+            got[o.request_id] += o.choices[0].token_ids
+        steps += 1
+    return [got[r] for r in rids]
+
+
 def test_swapping_one_slot_mid_run_changes_only_that_adapter(engine, tokenizer, hf_model, peft_adapters):
     """Rewriting a slot's weights in place between steps: only that slot's later tokens change."""
     for name, path in peft_adapters.items():
@@ -177,17 +196,7 @@ def test_swapping_one_slot_mid_run_changes_only_that_adapter(engine, tokenizer, 
     sp = SamplingParams(max_tokens=12, **GREEDY)
     before = engine.generate([prompt] * 3, sp, adapters=["a1", "a2", None])
     w = load_peft_adapter(peft_adapters["a1"])[0]
-    flipped = LoRAWeights(w.rank, w.scaling, {k: (a, -3 * b) for k, (a, b) in w.weights.items()})
-    rids = [engine.add_request(prompt, sp, a) for a in ["a1", "a2", None]]
-    got = {r: [] for r in rids}
-    steps = 0
-    while engine.has_unfinished():
-        if steps == 5:
-            engine.slots.load(engine.loras.resident["a1"], flipped)  # in place, between steps
-        for o in engine.step():
-            got[o.request_id] += o.choices[0].token_ids
-        steps += 1
-    a1, a2, base = (got[r] for r in rids)
+    a1, a2, base = swap_mid_run(engine, prompt, sp, flipped_weights(w))
     assert a2 == before[1][0] and base == before[2][0]
     assert a1[:5] == before[0][0][:5]  # tokens sampled before the swap are unchanged
     assert a1 != before[0][0]
@@ -198,7 +207,7 @@ def test_swapping_one_slot_mid_run_changes_only_that_adapter(engine, tokenizer, 
 def test_a_new_version_serves_new_requests_while_running_ones_finish_on_theirs(engine, tokenizer, peft_adapters):
     """add_lora while a request runs: it keeps (and reports) v1; requests admitted later get v2."""
     w = load_peft_adapter(peft_adapters["a1"])[0]
-    flipped = LoRAWeights(w.rank, w.scaling, {k: (a, -3 * b) for k, (a, b) in w.weights.items()})
+    flipped = flipped_weights(w)
     engine.add_lora("a1", w, version=1)
     prompt = tokenizer("Hello! How can I help").input_ids
     sp = SamplingParams(max_tokens=12, **GREEDY)

@@ -15,14 +15,14 @@ import torch
 from vlora.adapters.peft_io import load_peft_adapter
 from vlora.engine.config import EngineConfig
 from vlora.engine.engine import LLMEngine
-from vlora.engine.lora import LoRAWeights
 from vlora.engine.sampling import SamplingParams
 from vlora.engine.tp import TPGroupError, TPSpec, free_port
 from vlora.engine.tp_worker import run_worker
 from vlora.engine.vision import VisionEncoder
 from tests.unit.oracle import hf_generate, peft_generate
 from tests.unit.test_engine import (  # noqa: F401 - builder is a fixture
-    assert_pool_free, builder, chat, check_image_prompt_matches_hf, check_packed_forward_matches_hf)
+    assert_pool_free, builder, chat, check_image_prompt_matches_hf, check_packed_forward_matches_hf, flipped_weights,
+    swap_mid_run)
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -101,19 +101,6 @@ def test_three_adapters_and_base_in_one_batch_match_hf_peft(tp_engine, builder, 
     assert_pool_free(tp_engine)
 
 
-def _swap_mid_run(engine, prompt, sp, flipped) -> list[list[int]]:
-    rids = [engine.add_request(prompt, sp, a) for a in ["a1", "a2", None]]
-    got = {r: [] for r in rids}
-    steps = 0
-    while engine.has_unfinished():
-        if steps == 5:
-            engine.slots.load(engine.loras.resident["a1"], flipped)  # in place, between steps
-        for o in engine.step():
-            got[o.request_id] += o.choices[0].token_ids
-        steps += 1
-    return [got[r] for r in rids]
-
-
 def test_hot_swap_mid_run_changes_only_that_adapter_on_every_rank(tp_engine, tiny_model_dir, builder, peft_adapters):
     """A slot rewritten between steps on rank 0 is rewritten on rank 1 before the next step: only that
     adapter's later tokens change, exactly as in a one-process engine doing the same swap (a swap on
@@ -125,12 +112,12 @@ def test_hot_swap_mid_run_changes_only_that_adapter_on_every_rank(tp_engine, tin
     prompt = chat(builder, "Hello! How can I help").token_ids
     sp = SamplingParams(max_tokens=12, **GREEDY)
     w = load_peft_adapter(peft_adapters["a1"])[0]
-    flipped = LoRAWeights(w.rank, w.scaling, {k: (a, -3 * b) for k, (a, b) in w.weights.items()})
+    flipped = flipped_weights(w)
     before = tp_engine.generate([prompt] * 3, sp, adapters=["a1", "a2", None])
-    a1, a2, base = _swap_mid_run(tp_engine, prompt, sp, flipped)
+    a1, a2, base = swap_mid_run(tp_engine, prompt, sp, flipped)
     assert a2 == before[1][0] and base == before[2][0]
     assert a1[:5] == before[0][0][:5] and a1 != before[0][0]
-    assert [a1, a2, base] == _swap_mid_run(single, prompt, sp, flipped)
+    assert [a1, a2, base] == swap_mid_run(single, prompt, sp, flipped)
     # a new version while idle is rewritten in place on both ranks; the old one back gives the old tokens
     tp_engine.add_lora("a1", flipped, version=2)
     single.add_lora("a1", flipped, version=2)
