@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import types
 
 import httpx
 import torch
 import pytest
-from ray import serve
 
 from vlora.deployments.config import AppConfig
-from vlora.deployments.decoder import Decoder
-from vlora.deployments.ingress import Ingress, app
 from vlora.deployments.messages import output_from_wire
-from vlora.deployments.preprocessor import Preprocessor
 from vlora.engine.sampling import SamplingParams
-from tests.unit.test_deadlines import Handle, Store, Trainer, idle, sse_events
+from tests.unit.test_deadlines import (  # noqa: F401 - decoder is a fixture (it reads this module's config)
+    Store, client, decoder, idle, in_process_ingress, sse_events)
 
 
 @pytest.fixture(scope="module")
@@ -29,31 +25,16 @@ def config(tiny_model_dir):
                      engine={"max_num_seqs": 8, "kv_cache_memory_mb": 4, "max_model_len": 1024})
 
 
-@pytest.fixture(scope="module")
-def decoder(config):
-    d = Decoder(config)
-    yield d
-    d.__del__()
-
-
 @pytest.fixture
 def ingress(config, decoder, monkeypatch):
-    monkeypatch.delenv(config.api_keys_env, raising=False)
-    monkeypatch.delenv(config.admin_keys_env, raising=False)
-    cls = Ingress.__bases__[0]
-    ing = cls.__new__(cls)
     store = Store()
     store.slow = False
-    cls.__init__(ing, config, Handle(Preprocessor(config)), Handle(None), Handle(decoder), Handle(Trainer()),
-                 Handle(store))
-    monkeypatch.setattr(serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=ing))
-    return ing
+    return in_process_ingress(config, decoder, monkeypatch, store)
 
 
 def run(coro_fn):
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-                                     base_url="http://ingress", timeout=60) as c:
+        async with client(timeout_s=60) as c:
             return await coro_fn(c)
     return asyncio.run(go())
 

@@ -132,26 +132,31 @@ def decoder(config):
     d.__del__()
 
 
-@pytest.fixture
-def ingress(config, decoder, monkeypatch):
+def in_process_ingress(config, decoder, monkeypatch, store):
+    """The Ingress in this process (no API keys), its Decoder and store behind in-process handles."""
     monkeypatch.delenv(config.api_keys_env, raising=False)
     monkeypatch.delenv(config.admin_keys_env, raising=False)
     cls = Ingress.__bases__[0]  # the class itself, under Serve's ASGI wrapper
     ing = cls.__new__(cls)
     cls.__init__(ing, config, Handle(Preprocessor(config)), Handle(None), Handle(decoder),
-                                  Handle(Trainer()), Handle(Store()))
+                                  Handle(Trainer()), Handle(store))
     # Serve's class-based routes find their instance through the replica context
     monkeypatch.setattr(serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=ing))
     return ing
+
+
+@pytest.fixture
+def ingress(config, decoder, monkeypatch):
+    return in_process_ingress(config, decoder, monkeypatch, Store())
 
 
 def set_limits(ing, **limits):
     ing.config = ing.config.model_copy(update={"limits": ing.config.limits.model_copy(update=limits)})
 
 
-def client():
+def client(timeout_s: float = 30):
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-                             base_url="http://ingress", timeout=30)
+                             base_url="http://ingress", timeout=timeout_s)
 
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a long story"}], "temperature": 0,
