@@ -155,10 +155,10 @@ def test_chunked_prefill_matches_hf(tiny_model_dir, tokenizer, hf_model):
     assert_pool_free(eng)
 
 
-def test_three_adapters_and_base_in_one_batch_match_hf_peft(engine, tokenizer, hf_model, peft_adapters):
+def check_adapters_and_base_in_one_batch_match_hf_peft(engine, prompt, hf_model, peft_adapters) -> None:
+    """Three adapters and the base, interleaved in one batch: each row's greedy tokens equal HF+PEFT's."""
     for name, path in peft_adapters.items():
         engine.add_lora(name, load_peft_adapter(path)[0])
-    prompt = tokenizer("What colour is this? It is").input_ids
     names = ["a1", None, "a2", "a3", None, "a1"]
     outs = engine.generate([prompt] * len(names), SamplingParams(max_tokens=10, **GREEDY), adapters=names)
     base_ref = hf_generate(hf_model, prompt, 10)
@@ -167,6 +167,11 @@ def test_three_adapters_and_base_in_one_batch_match_hf_peft(engine, tokenizer, h
     for name, out in zip(names, outs):
         assert out[0] == (base_ref if name is None else refs[name]), name
     assert_pool_free(engine)
+
+
+def test_three_adapters_and_base_in_one_batch_match_hf_peft(engine, tokenizer, hf_model, peft_adapters):
+    check_adapters_and_base_in_one_batch_match_hf_peft(engine, tokenizer("What colour is this? It is").input_ids,
+                                                       hf_model, peft_adapters)
 
 
 def flipped_weights(w: LoRAWeights) -> LoRAWeights:

@@ -19,10 +19,10 @@ from vlora.engine.sampling import SamplingParams
 from vlora.engine.tp import TPGroupError, TPSpec, free_port
 from vlora.engine.tp_worker import run_worker
 from vlora.engine.vision import VisionEncoder
-from tests.unit.oracle import hf_generate, peft_generate
+from tests.unit.oracle import hf_generate
 from tests.unit.test_engine import (  # noqa: F401 - builder is a fixture
-    assert_pool_free, builder, chat, check_image_prompt_matches_hf, check_packed_forward_matches_hf, flipped_weights,
-    swap_mid_run)
+    assert_pool_free, builder, chat, check_adapters_and_base_in_one_batch_match_hf_peft, check_image_prompt_matches_hf,
+    check_packed_forward_matches_hf, flipped_weights, swap_mid_run)
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -88,17 +88,8 @@ def test_image_prompts_greedy_match_hf(tp_engine, builder, hf_model, hf_image_pr
 
 
 def test_three_adapters_and_base_in_one_batch_match_hf_peft(tp_engine, builder, hf_model, peft_adapters):
-    for name, path in peft_adapters.items():
-        tp_engine.add_lora(name, load_peft_adapter(path)[0])
-    prompt = chat(builder, "What colour is this? It is").token_ids
-    names = ["a1", None, "a2", "a3", None, "a1"]
-    outs = tp_engine.generate([prompt] * len(names), SamplingParams(max_tokens=10, **GREEDY), adapters=names)
-    base_ref = hf_generate(hf_model, prompt, 10)
-    refs = {n: peft_generate(hf_model, p, prompt, 10) for n, p in peft_adapters.items()}
-    assert len({tuple(r) for r in refs.values()} | {tuple(base_ref)}) == 4  # the adapters really differ
-    for name, out in zip(names, outs):
-        assert out[0] == (base_ref if name is None else refs[name]), name
-    assert_pool_free(tp_engine)
+    check_adapters_and_base_in_one_batch_match_hf_peft(tp_engine, chat(builder, "What colour is this? It is").token_ids,
+                                                       hf_model, peft_adapters)
 
 
 def test_hot_swap_mid_run_changes_only_that_adapter_on_every_rank(tp_engine, tiny_model_dir, builder, peft_adapters):
