@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from vlora.deployments import limits
@@ -197,6 +198,13 @@ class Ingress:
         except Exception:  # noqa: BLE001 - metrics and logs never fail a request
             log.warning("recording request %s failed", rec.request_id, exc_info=True)
 
+    async def _finish_after_send(self, rec: RequestRecord) -> None:
+        """A JSON answer's record, written once the response is handed to Serve: the yield lets Serve's
+        message loop pass the body on to the proxy first, so metrics and the log line (about half a
+        millisecond on a cold core) are off the request's latency."""
+        await asyncio.sleep(0)
+        self._finish(rec)
+
     async def _handle(self, rec: RequestRecord, body):
         """Run a completion route's body; the record ends here unless a stream took it over."""
         try:
@@ -214,7 +222,8 @@ class Ingress:
                 log.error("request %s failed: %r", rec.request_id, e)
             raise api from None
         finally:
-            if not rec.stream or rec.status is not None:  # a started stream ends (and records) in its body
+            # a started stream ends (and records) in its body; a JSON answer after it is sent
+            if (not rec.stream or rec.status is not None) and not rec.finish_deferred:
                 self._finish(rec)
 
     async def _generate(self, rec: RequestRecord, stream: bool, source, sampling, adapter, explicit: bool,
@@ -354,10 +363,12 @@ class Ingress:
         fp = extra.pop("system_fingerprint")
         body = build(cid, req.model, created, acc.text, acc.finish, acc.logprobs if sampling.logprobs else None,
                      (acc.prompt_tokens, acc.completion_tokens), self._token_text, extra, fp)
-        rec.status = 200
         if self._parses_tools(req):
             structured_api.attach_tool_calls(body, acc.text)
-        return JSONResponse(attach_diagnostics(body, acc.diagnostics, summary=True), headers=headers)
+        response = JSONResponse(attach_diagnostics(body, acc.diagnostics, summary=True), headers=headers,
+                                background=BackgroundTask(self._finish_after_send, rec))
+        rec.status, rec.finish_deferred = 200, True
+        return response
 
     @staticmethod
     def _parses_tools(req) -> bool:

@@ -18,8 +18,9 @@ The same metrics are also served on the API port (`GET /metrics` of the Ingress)
 names and labels, so vLLM's dashboards and alerts work unchanged: `vllm:<name>` for every metric
 with a vLLM counterpart (VLLM_NAMES), `vlora:<name>` for the rest, with `deployment` and `replica`
 labels. Each replica keeps them in a local prometheus_client registry and pushes a snapshot every
-API_PUSH_INTERVAL_S to the app's MetricsHub actor (deployments/metrics_hub.py); a replica that stops
-pushing (dead, removed) drops out of /metrics after API_STALE_S.
+API_PUSH_INTERVAL_S to the app's MetricsHub actor (deployments/metrics_hub.py), or only every API_HEARTBEAT_S while
+nothing changed (an idle replica); a replica that stops pushing (dead, removed) drops out of
+/metrics after API_STALE_S.
 
 Label cardinality stays bounded: `model_name` is the base model's name or an adapter that
 exists (names arriving in requests are only used once the model resolved; anything else is
@@ -33,6 +34,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,7 +48,8 @@ VLLM_NAMES = frozenset({
     "generation_tokens", "request_success", "request_prompt_tokens", "request_generation_tokens",
     "time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
     "request_queue_time_seconds", "lora_requests_info"})
-API_PUSH_INTERVAL_S = 1.0  # how often a replica sends its API-port metrics to the hub
+API_PUSH_INTERVAL_S = 1.0  # how often a replica sends its API-port metrics to the hub, when they changed
+API_HEARTBEAT_S = 2.0  # a replica whose metrics did not change still sends them this often
 API_STALE_S = 5.0  # a replica silent this long (dead or removed) is left out of /metrics
 UNKNOWN_MODEL = "unknown"  # model_name of requests that failed before a model was resolved
 
@@ -118,6 +121,9 @@ def _api_metric(kind: str, name: str, doc: str, tags: tuple[str, ...], buckets: 
     return _API_METRICS[name]
 
 
+_API_CHANGES = [0]  # bumped by every API-port update; the pusher skips a snapshot while it stands still
+
+
 class _Metric:
     """A Ray Serve metric (None outside a replica) and its API-port twin, with a zero() for counters
     (Prometheus advice: create series at 0)."""
@@ -127,6 +133,7 @@ class _Metric:
         self._api = api
 
     def _child(self, tags: dict[str, str] | None):
+        _API_CHANGES[0] += 1
         return self._api.labels(**tags) if tags else self._api
 
     def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
@@ -169,6 +176,7 @@ class _Metric:
 
     def replace(self, tags: dict[str, str], value: float) -> None:
         """API port only: this series alone (vLLM's info gauges, whose labels carry the state)."""
+        _API_CHANGES[0] += 1
         self._api.clear()
         self._child(tags).set(value)
 
@@ -246,18 +254,39 @@ def _push_forever() -> None:
     from vlora.deployments.metrics_hub import get_hub
 
     ctx = serve.get_replica_context()
-    replica, deployment = ctx.replica_id.unique_id, ctx.deployment
-    hub, warned = None, False
+    pusher = ApiPusher(ctx.replica_id.unique_id, ctx.deployment, lambda: get_hub(ctx.app_name))
     while True:
         time.sleep(API_PUSH_INTERVAL_S)
+        pusher.tick(time.monotonic())
+
+
+class ApiPusher:
+    """Sends this process's API-port snapshot to the hub: after any change, else as a heartbeat every
+    API_HEARTBEAT_S (so an idle replica builds no snapshot per interval yet stays within API_STALE_S)."""
+
+    def __init__(self, replica: str, deployment: str, connect):
+        self.replica, self.deployment, self.connect = replica, deployment, connect
+        self.hub = None
+        self.sent_changes: int | None = None  # _API_CHANGES at the last push
+        self.sent_at = -math.inf
+        self.warned = False
+
+    def tick(self, now: float) -> bool:
+        """Push if due; returns whether it pushed."""
+        changes = _API_CHANGES[0]
+        if changes == self.sent_changes and now - self.sent_at < API_HEARTBEAT_S:
+            return False
         try:
-            hub = hub or get_hub(ctx.app_name)
-            hub.push.remote(replica, deployment, api_snapshot())
+            self.hub = self.hub or self.connect()
+            self.hub.push.remote(self.replica, self.deployment, api_snapshot())
         except Exception:  # noqa: BLE001 - metrics never take a replica down; retried next interval
-            hub = None
-            if not warned:
+            self.hub = None
+            if not self.warned:
                 get_logger("vlora.metrics").warning("pushing API-port metrics failed", exc_info=True)
-                warned = True
+                self.warned = True
+            return False
+        self.sent_changes, self.sent_at = changes, now
+        return True
 
 
 M = ("model_name",)
@@ -460,6 +489,7 @@ class RequestRecord:
     status: int | None = None
     error: str | None = None
     done: bool = False
+    finish_deferred: bool = False  # the response's background task records it (after the body is sent)
     _itl: list[tuple[float, int]] = field(default_factory=list)  # (gap per token, tokens) per item
 
     def on_output(self, out) -> None:

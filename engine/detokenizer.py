@@ -23,6 +23,11 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        # A `tokenizers`-backed tokenizer decodes through its Rust backend directly: the same text as
+        # `tokenizer.decode(ids, skip_special_tokens=..., clean_up_tokenization_spaces=False)`
+        # without that wrapper's per-call argument conversion, which cost more than the decode.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend_decode = getattr(backend, "decode", None)
         self.token_ids: list[int] = []
         self.text = ""  # everything emitted so far
         self._prefix = 0
@@ -31,6 +36,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(
             ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
         )

@@ -33,6 +33,7 @@ from vlora.engine.model_runner import ModelRunner
 from vlora.engine.model_shard import load_model_shard
 from vlora.engine.optimal_sampling import OptimalSampler, OptimalSamplingParams
 from vlora.engine.output_stream import OutputStream, merge_outputs
+from vlora.engine.prompts import PreparedPrompt
 from vlora.engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
 from vlora.engine.sampling import RowState, Sampler, SamplingParams, apply_grammar_masks, grammar_masks
 from vlora.engine.scheduler import Scheduler
@@ -86,6 +87,8 @@ def _prompt_parts(prompt: Any) -> tuple[list[int], torch.Tensor | None, int]:
     """(token ids, M-RoPE positions or None, rope delta) of a token list or a PreparedPrompt."""
     if isinstance(prompt, (list, tuple)):
         return list(prompt), None, 0
+    if isinstance(prompt, PreparedPrompt):  # None for a text-only prompt: its rows are 0..L-1
+        return list(prompt.token_ids), prompt.mrope, prompt.rope_delta
     return list(prompt.token_ids), getattr(prompt, "positions", None), int(getattr(prompt, "rope_delta", 0))
 
 

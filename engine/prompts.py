@@ -8,8 +8,9 @@ needs `rope_delta` to place generated tokens.
 
 Everything in a `PreparedPrompt` is plain Python or a CPU tensor. It crosses two process
 boundaries per request (Ingress -> Decoder replica -> engine process), so it pickles its
-positions as a numpy array, or not at all for a text-only prompt (there they are `arange` on
-all three rows): a pickled torch tensor goes through `torch.save` on both sides.
+positions as a numpy array (a pickled torch tensor goes through `torch.save` on both sides).
+A text-only prompt has no position tensor at all: its three rows are `arange`, which the engine
+uses without building them.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ class PreparedPrompt:
     """Everything the vision encoder and decoder need about one prompt, computed once on the CPU."""
 
     token_ids: list[int]
-    positions: torch.Tensor  # LongTensor [3, L]: temporal / height / width M-RoPE rows
+    # LongTensor [3, L]: temporal / height / width M-RoPE rows of a prompt with images; None for a
+    # text-only prompt, whose three rows are all 0..L-1 (`positions` builds them on demand)
+    mrope: torch.Tensor | None
     rope_delta: int  # generated token k (0-based) sits at position L + k + rope_delta on all rows
     image_grids: list[ImageGrid] = field(default_factory=list)
     image_token_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) per image
@@ -84,23 +87,27 @@ class PreparedPrompt:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def positions(self) -> torch.Tensor:
+        """LongTensor [3, L] of M-RoPE positions."""
+        if self.mrope is None:
+            return torch.arange(len(self.token_ids)).expand(3, -1).contiguous()
+        return self.mrope
+
     def decode_position(self, k: int) -> int:
         """M-RoPE position (same on all 3 rows) of the k-th generated token, 0-based."""
         return len(self.token_ids) + k + self.rope_delta
 
     def __reduce__(self):
-        text_only = not self.image_grids and self.rope_delta == 0
-        positions = None if text_only else self.positions.numpy()
-        return _rebuild_prompt, (self.token_ids, positions, self.rope_delta, self.image_grids,
+        mrope = None if self.mrope is None else self.mrope.numpy()
+        return _rebuild_prompt, (self.token_ids, mrope, self.rope_delta, self.image_grids,
                                  self.image_token_spans, self.num_image_tokens)
 
 
-def _rebuild_prompt(token_ids, positions, rope_delta, image_grids, image_token_spans, num_image_tokens):
-    if positions is None:  # text only: every row counts 0..L-1
-        pos = torch.arange(len(token_ids)).expand(3, -1).contiguous()
-    else:
-        pos = torch.from_numpy(positions if positions.flags.writeable else positions.copy())  # Ray's buffers are read-only
-    return PreparedPrompt(token_ids, pos, rope_delta, image_grids, image_token_spans, num_image_tokens)
+def _rebuild_prompt(token_ids, mrope, rope_delta, image_grids, image_token_spans, num_image_tokens):
+    if mrope is not None:
+        mrope = torch.from_numpy(mrope if mrope.flags.writeable else mrope.copy())  # Ray's buffers are read-only
+    return PreparedPrompt(token_ids, mrope, rope_delta, image_grids, image_token_spans, num_image_tokens)
 
 
 def _check_grids(image_grids: list[ImageGrid], merge: int) -> list[ImageGrid]:
@@ -191,6 +198,17 @@ class PromptBuilder:
         self.special_tokens = tuple(sorted(
             {t for t in getattr(tokenizer, "all_special_tokens", ()) if t}
             | {tok.content for tok in added.values() if getattr(tok, "special", False) and tok.content}))
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """`tokenizer(text)["input_ids"]`. A `tokenizers`-backed tokenizer set up the way that call sets it
+        (no truncation, no padding, special tokens kept whole) encodes through its Rust backend directly:
+        the same ids without the wrapper's per-call argument handling, which cost more than the encoding."""
+        b = self._backend
+        if (b is not None and b.truncation is None and b.padding is None
+                and b.encode_special_tokens == bool(getattr(self.tokenizer, "split_special_tokens", False))):
+            return b.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> "PromptBuilder":
@@ -228,7 +246,7 @@ class PromptBuilder:
         text = self.tokenizer.apply_chat_template(
             normalized, tools=tools or None, chat_template=template, tokenize=False,
             add_generation_prompt=add_generation_prompt)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self._encode(text, add_special_tokens=False)
         pad = self.config.image_token_id
         if ids.count(pad) != len(grids):
             raise PromptError(
@@ -244,10 +262,10 @@ class PromptBuilder:
                 token_ids.extend([pad] * count)
             else:
                 token_ids.append(tid)
-        positions, rope_delta = mrope_positions(token_ids, grids, self.config)
+        mrope, rope_delta = mrope_positions(token_ids, grids, self.config) if grids else (None, 0)
         return PreparedPrompt(
             token_ids=token_ids,
-            positions=positions,
+            mrope=mrope,
             rope_delta=rope_delta,
             image_grids=grids,
             image_token_spans=spans,
@@ -259,11 +277,10 @@ class PromptBuilder:
         if not isinstance(prompt, str):
             raise PromptError(f"prompt must be a string, got {type(prompt).__name__}")
         _reject_vision_tokens(prompt, "prompt")
-        token_ids = self.tokenizer(prompt)["input_ids"]
+        token_ids = self._encode(prompt, add_special_tokens=True)
         if not token_ids:
             raise PromptError("prompt is empty; give at least one token of text")
-        positions, rope_delta = mrope_positions(token_ids, [], self.config)
-        return PreparedPrompt(token_ids=list(token_ids), positions=positions, rope_delta=rope_delta)
+        return PreparedPrompt(token_ids=list(token_ids), mrope=None, rope_delta=0)
 
     def build_tokens(self, token_ids: list[int], vocab_size: int) -> PreparedPrompt:
         """Token ids for /v1/completions, used as given: each must be in [0, vocab_size) and none may be a
@@ -278,8 +295,7 @@ class PromptBuilder:
         found = sorted(vision.intersection(token_ids))
         if found:
             raise PromptError(f"prompt token ids {found} are vision tokens, which only an image part may place")
-        positions, rope_delta = mrope_positions(list(token_ids), [], self.config)
-        return PreparedPrompt(token_ids=list(token_ids), positions=positions, rope_delta=rope_delta)
+        return PreparedPrompt(token_ids=list(token_ids), mrope=None, rope_delta=0)
 
     def _reject_special_tokens(self, normalized: list[dict]) -> None:
         """Message text is text: a special token in it is refused (400 naming the message)."""

@@ -109,3 +109,36 @@ def test_observe_many_equals_that_many_observations():
 
     assert page(ours) == page(oracle)
     assert ("t_count", None, 13.0) in page(ours)
+
+
+def test_an_idle_replica_pushes_only_heartbeats_and_a_change_goes_out_at_the_next_tick():
+    """The pusher sends a snapshot when a metric moved, else once per API_HEARTBEAT_S (inside API_STALE_S, so
+    the hub keeps an idle replica); a failed push is retried at the next tick."""
+    import prometheus_client as pc
+
+    from vlora.deployments.metrics import API_HEARTBEAT_S, API_STALE_S, ApiPusher, _Metric
+
+    class Hub:
+        def __init__(self):
+            self.pushes, self.fail = [], False
+            self.push = self
+
+        def remote(self, replica, deployment, snapshot):
+            if self.fail:
+                raise ConnectionError("hub restarting")
+            self.pushes.append((replica, deployment))
+
+    hub = Hub()
+    pusher = ApiPusher("r1", "Preprocessor", lambda: hub)
+    counter = _Metric(None, pc.Counter("t_pushed", "d", registry=pc.CollectorRegistry()))
+    assert pusher.tick(100.0) and len(hub.pushes) == 1  # the first tick always sends
+    assert not pusher.tick(101.0) and not pusher.tick(100.0 + API_HEARTBEAT_S - 0.01)  # idle: nothing to send
+    assert pusher.tick(100.0 + API_HEARTBEAT_S) and len(hub.pushes) == 2  # the heartbeat
+    assert API_HEARTBEAT_S * 2 < API_STALE_S  # one lost heartbeat still keeps the replica on /metrics
+    counter.inc(1)
+    assert pusher.tick(102.5) and len(hub.pushes) == 3  # a change goes out at the next tick
+    counter.inc(1)
+    hub.fail = True
+    assert not pusher.tick(103.5)
+    hub.fail = False
+    assert pusher.tick(104.5) and hub.pushes[-1] == ("r1", "Preprocessor")

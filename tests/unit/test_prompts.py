@@ -167,6 +167,7 @@ def test_prepared_prompt_pickles(builder, hf_image_processor, with_image):
     assert back.token_ids == prompt.token_ids
     assert torch.equal(back.positions, prompt.positions) and back.positions.dtype == torch.long
     assert back.positions.is_contiguous()
+    assert (back.mrope is None) == (prompt.mrope is None) == (not with_image)  # text only: no tensor is built
     assert (back.rope_delta, back.image_grids, back.image_token_spans, back.num_image_tokens) == (
         prompt.rope_delta,
         prompt.image_grids,
@@ -247,3 +248,19 @@ def test_developer_role_renders_as_system(builder):
     as_developer = builder.build_chat([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}], [])
     as_system = builder.build_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], [])
     assert as_developer.token_ids == as_system.token_ids
+
+
+def test_encoding_through_the_backend_equals_the_tokenizer_call(builder, tokenizer):
+    """build_chat/build_text encode through the Rust backend; the ids are the transformers call's, and a
+    backend set up differently (here: truncating) is not used."""
+    texts = ["Once upon a time", "Hello 東京! 🎉 naïve", "<|im_start|> is text here", " spaced  out\n\ttabs", ""]
+    for text in texts:
+        for special in (False, True):
+            assert builder._encode(text, special) == tokenizer(text, add_special_tokens=special)["input_ids"]
+    long = "one two three four five six seven eight"
+    full = tokenizer(long, add_special_tokens=False)["input_ids"]
+    builder._backend.enable_truncation(3)
+    try:
+        assert builder._encode(long, False) == full and len(full) > 3
+    finally:
+        builder._backend.no_truncation()
