@@ -241,12 +241,13 @@ class Ingress:
         try:
             if stream:
                 gen = DecoderStream(self.decoder.options(stream=True).generate.remote(*args))
-                out = await asyncio.wait_for(gen.__anext__(), lim.first_token_timeout_s)
+                async with asyncio.timeout(lim.first_token_timeout_s):
+                    out = await gen.__anext__()
             else:
                 call = self.decoder.complete.remote(*args)
                 # a cancelled call (deadline, client gone) aborts the request on the Decoder
-                out = output_from_wire(await asyncio.wait_for(
-                    call, max(0.0, rec.arrival + lim.request_timeout_s - time.perf_counter())))
+                async with asyncio.timeout(max(0.0, rec.arrival + lim.request_timeout_s - time.perf_counter())):
+                    out = output_from_wire(await call)
         except StopAsyncIteration:
             raise ApiError(500, "the decoder returned no output", type="server_error") from None
         except BackPressureError:
@@ -307,8 +308,9 @@ class Ingress:
             return
         deadline = rec.arrival + self.config.limits.request_timeout_s
         while True:
-            try:
-                out = await asyncio.wait_for(gen.__anext__(), max(0.0, deadline - time.perf_counter()))
+            try:  # a timeout scope per item: it spans no yield, and makes no task per item as wait_for does
+                async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
+                    out = await gen.__anext__()
             except StopAsyncIteration:
                 return
             except asyncio.TimeoutError:
