@@ -107,6 +107,14 @@ class FloorIngress:
 
 
 def floor_app(pace: list[tuple[int, float]], stream_interval_s: float, num_cpus: float):
-    opts = dict(max_ongoing_requests=256, ray_actor_options={"num_cpus": num_cpus})
+    """The floor's two deployments, with the replica environment vlora's Ingress and Decoder get (the same
+    Serve settings on both sides; a tree from before that setting has none)."""
+    try:
+        from vlora.deployments.app import hot_path_env
+        env = hot_path_env()
+    except ImportError:
+        env = {}
+    actor = {"num_cpus": num_cpus, **({"runtime_env": {"env_vars": env}} if env else {})}
+    opts = dict(max_ongoing_requests=256, ray_actor_options=actor)
     dec = serve.deployment(FloorDecoder, name="FloorDecoder").options(**opts).bind(pace, stream_interval_s)
     return serve.deployment(FloorIngress, name="FloorIngress").options(**opts).bind(dec)

@@ -33,14 +33,29 @@ def _cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
+def hot_path_env() -> dict[str, str]:
+    """Replica environment of the deployments every request passes through (Ingress, Decoder).
+
+    Serve runs user code on an event loop thread of its own by default, so each request and each
+    streamed item crosses between that loop and the replica's main loop (a future chained across
+    threads, both sides taking the GIL). Their handlers never block (the engine runs in its own
+    process, thread work goes through `to_thread`), so they run on the main loop, as Serve's
+    throughput-optimized mode does. An operator who exports RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+    where the app is built keeps that value."""
+    key = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+    return {key: os.environ.get(key, "0")}
+
+
 def _deployment(cls, name: str, replica, gpu_share: float = 0.0, tensor_parallel_size: int = 1,
-                **options):
+                env: dict[str, str] | None = None, **options):
     """A Serve deployment with the replica config's options (and Serve `options`, e.g. a request router);
     `autoscaling_config` replaces num_replicas; a tensor-parallel replica reserves one bundle per rank on
-    one node."""
+    one node; `env`: environment variables of its replicas (merged with the application's)."""
     scaling = ({"autoscaling_config": replica.autoscaling_config} if replica.autoscaling_config is not None
                else {"num_replicas": replica.num_replicas})
     opts = actor_options(replica, gpu_share, tensor_parallel_size)
+    if env:
+        opts["runtime_env"] = {"env_vars": dict(env)}
     extra = {}
     if tensor_parallel_size > 1:  # the replica takes bundle 0, its worker actors bundles 1..N-1, on one node
         extra = {"placement_group_bundles": [{"CPU": opts["num_cpus"], **({"GPU": opts["num_gpus"]} if opts.get(
@@ -119,13 +134,14 @@ def build_app(args: dict | AppConfig | None = None) -> Application:
     vis = _deployment(VisionEncoderDeployment, "VisionEncoder", config.vision_encoder,
                       shares["vision_encoder"]).bind(config)
     dec = _deployment(Decoder, "Decoder", config.decoder, shares["decoder"],
-                      config.engine.tensor_parallel_size,
+                      config.engine.tensor_parallel_size, env=hot_path_env(),
                       request_router_config=RequestRouterConfig(request_router_class=AdapterAffinityRouter)
                       ).bind(config, store)
     trainer = (_deployment(Trainer, "Trainer", config.trainer.model_copy(update={"num_replicas": 1,
                                                                                "autoscaling_config": None}),
                            shares["trainer"]).bind(config, store) if config.learning else None)
-    return _deployment(Ingress, "Ingress", config.ingress).bind(config, pre, vis, dec, trainer, store)
+    return _deployment(Ingress, "Ingress", config.ingress, env=hot_path_env()).bind(
+        config, pre, vis, dec, trainer, store)
 
 
 def decoder_stats(app: str = "vlora", replicas: int = 2, tries: int = 100, timeout_s: float = 30.0) -> dict[str, dict]:
