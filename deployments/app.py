@@ -40,8 +40,8 @@ def hot_path_env() -> dict[str, str]:
     streamed item crosses between that loop and the replica's main loop (a future chained across
     threads, both sides taking the GIL). Their handlers never block (the engine runs in its own
     process, thread work goes through `to_thread`), so they run on the main loop, as Serve's
-    throughput-optimized mode does. An operator who exports RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
-    where the app is built keeps that value."""
+    throughput-optimized mode does. A RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD set where the app is built
+    (the application's runtime_env env_vars, or the environment of `serve run`) is kept."""
     key = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
     return {key: os.environ.get(key, "0")}
 
