@@ -176,7 +176,6 @@ class _Metric:
 
     def replace(self, tags: dict[str, str], value: float) -> None:
         """API port only: this series alone (vLLM's info gauges, whose labels carry the state)."""
-        _API_CHANGES[0] += 1
         self._api.clear()
         self._child(tags).set(value)
 

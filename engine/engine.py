@@ -33,8 +33,8 @@ from vlora.engine.model_runner import ModelRunner
 from vlora.engine.model_shard import load_model_shard
 from vlora.engine.optimal_sampling import OptimalSampler, OptimalSamplingParams
 from vlora.engine.output_stream import OutputStream, merge_outputs
-from vlora.engine.prompts import PreparedPrompt
 from vlora.engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
+from vlora.engine.prompts import PreparedPrompt
 from vlora.engine.sampling import RowState, Sampler, SamplingParams, apply_grammar_masks, grammar_masks
 from vlora.engine.scheduler import Scheduler
 from vlora.engine.sequence import Sequence, SeqStatus
