@@ -8,8 +8,11 @@ One run does, one after the other, each phase in its own Ray + Serve instance on
    pace); the same through `AsyncEngine` (engine thread + asyncio consumers in this process,
    batched items) to isolate the thread/GIL cost; then the floor (bench/serve_floor.py: proxy ->
    ingress -> a decoder that only sleeps at that pace) and vlora's app, through HTTP, at the same
-   levels, streamed and not, alternating cell by cell. Sequential 1-token requests: engine, floor,
-   HTTP alternating. The Decoder's own step timing under load is read from its stats.
+   levels, streamed and not, alternating cell by cell; with them `floor_cpu`, the floor whose engine
+   is a child process doing the engine's measured CPU work per step (bench/serve_floor.py
+   `WorkEngine`): what these hops deliver with an engine that shares the CPU, as vlora's does here.
+   Sequential 1-token requests: engine, floor, floor_cpu, HTTP alternating. The Decoder's own step
+   timing under load is read from its stats.
 2. **before** (`--before REF`, default `main`: that commit's tree via `git archive`, with these
    bench files copied in): the floor and vlora at 16 streams, and the sequential 1-token case,
    so the before/after ratios each have their own floor from their own instance.
@@ -73,7 +76,7 @@ async def _one(client, url: str, i: int, max_tokens: int, stream: bool, model: s
     if stream:
         body["stream_options"] = {"include_usage": True}
     t0 = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, chunks = None, 0, 0
     if not stream:
         r = await client.post(url, json=body)
         r.raise_for_status()
@@ -85,11 +88,12 @@ async def _one(client, url: str, i: int, max_tokens: int, stream: bool, model: s
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 j = json.loads(line[6:])
+                chunks += bool(j.get("choices"))
                 if ttft is None and j.get("choices"):
                     ttft = time.perf_counter() - t0
                 if j.get("usage"):
                     tokens = j["usage"]["completion_tokens"]
-    return dict(ttft_s=ttft, latency_s=time.perf_counter() - t0, tokens=tokens)
+    return dict(ttft_s=ttft, latency_s=time.perf_counter() - t0, tokens=tokens, chunks=chunks)
 
 
 async def http_load(base: str, level: int, requests: int, max_tokens: int, stream: bool, model: str) -> dict:
@@ -115,6 +119,7 @@ async def http_load(base: str, level: int, requests: int, max_tokens: int, strea
     return dict(requests=len(results), output_tokens=tokens, wall_s=wall, tok_s=tokens / wall,
                 ttft_p50_ms=pct(ttft, 50), ttft_p99_ms=pct(ttft, 99),
                 latency_p50_ms=pct([r["latency_s"] * 1e3 for r in results], 50),
+                chunks_per_request=statistics.fmean(r["chunks"] for r in results) if results else None,
                 token_errors=sum(r["tokens"] != max_tokens for r in results), failures=failures[:5],
                 num_failures=len(failures))
 
@@ -210,14 +215,16 @@ def async_engine_load(eng, level: int, requests: int, max_tokens: int, interval_
 
 
 # -- the phases -------------------------------------------------------------------------------------------------
-def deploy_floor(cluster, pace) -> str:
+def deploy_floor(cluster, pace, engine_work: bool = False) -> str:
+    """The floor app (`floor_cpu` with `engine_work`: its engine does the engine's CPU work); its URL."""
     from ray import serve
 
     from bench.serve import REPLICA_CPUS
     from bench.serve_floor import floor_app
 
-    serve.run(floor_app(pace, STREAM_INTERVAL_S, REPLICA_CPUS), name="floor", route_prefix="/floor")
-    return f"{cluster.url}/floor"
+    name = "floor_cpu" if engine_work else "floor"
+    serve.run(floor_app(pace, STREAM_INTERVAL_S, REPLICA_CPUS, engine_work), name=name, route_prefix=f"/{name}")
+    return f"{cluster.url}/{name}"
 
 
 def decoder_loop_stats() -> dict | None:
@@ -229,7 +236,7 @@ def decoder_loop_stats() -> dict | None:
 
 def serving_processes() -> dict[int, str]:
     """pid -> role of this Ray instance's serving processes: the HTTP proxy, each Serve replica
-    ("<app>:<deployment>") and each Decoder replica's engine process ("<app>:engine")."""
+    ("<app>:<deployment>") and each (Floor)Decoder replica's engine process ("<app>:engine")."""
     import psutil
 
     roles: dict[int, str] = {}
@@ -242,10 +249,10 @@ def serving_processes() -> dict[int, str]:
             roles[p.pid] = "proxy"
         elif title.startswith("ray::ServeReplica:"):
             roles[p.pid] = title.split()[0].removeprefix("ray::ServeReplica:").split(".")[0]
-            if roles[p.pid].endswith(":Decoder"):
+            if roles[p.pid].endswith("Decoder"):
                 with contextlib.suppress(psutil.Error):
                     for c in p.children():
-                        roles[c.pid] = roles[p.pid].removesuffix("Decoder") + "engine"
+                        roles[c.pid] = roles[p.pid].split(":")[0] + ":engine"
     return roles
 
 
@@ -292,7 +299,7 @@ def grid(urls: dict[str, str], levels, tokens, quick: bool, stats_at: int | None
                     if level == stats_at:
                         cpu0, t = cpu_seconds(roles), psutil.Process().cpu_times()
                     row[side] = asyncio.run(http_load(url, level, row["requests"], n, stream,
-                                                      "floor" if side == "floor" else "tiny"))
+                                                      "floor" if side.startswith("floor") else "tiny"))
                     if level == stats_at:
                         row[side]["cpu_ms_per_token"] = cpu_per_token(roles, cpu0, t.user + t.system,
                                                                       row[side]["output_tokens"], side)
@@ -351,16 +358,19 @@ def phase(a) -> dict:
 
         serve.run(build_app(cfg), name="vlora", route_prefix="/vlora")
         urls = {"floor": deploy_floor(cluster, pace), "vlora": f"{cluster.url}/vlora"}
+        if a.phase == "after":
+            urls = {"floor": urls["floor"], "floor_cpu": deploy_floor(cluster, pace, engine_work=True),
+                    "vlora": urls["vlora"]}
         thread_mode = a.phase == "after"
         if thread_mode:  # the same app with the engine loop on a thread of the Decoder replica
             cfg_t = app_config(cluster.model_dir, cluster.tmp / "store_t", engine={**ENGINE, "engine_process": False})
             serve.run(build_app(cfg_t), name="vlora_thread", route_prefix="/vlora_thread")
         for side, url in urls.items():  # warm every path; a broken side stops the run here
             for stream in (True, False):
-                w = asyncio.run(http_load(url, 4, 8, 4, stream, "tiny" if side == "vlora" else "floor"))
+                w = asyncio.run(http_load(url, 4, 8, 4, stream, "floor" if side.startswith("floor") else "tiny"))
                 if w["num_failures"] or w["token_errors"]:
                     raise RuntimeError(f"{side} (stream={stream}) fails: {w}")
-        sides = {"floor": http_sync(urls["floor"], "floor"), "vlora": http_sync(urls["vlora"], "tiny")}
+        sides = {side: http_sync(url, "floor" if side.startswith("floor") else "tiny") for side, url in urls.items()}
         if a.phase == "after":
             from vlora.engine.sampling import SamplingParams
 
@@ -426,20 +436,26 @@ def report(R: dict) -> str:
              f"after = this tree ({R.get('after_commit', 'working tree')}); before = {R.get('before_ref')} "
              f"({R.get('before_commit')})", "",
              "tok/s (output tokens, server-reported) | levels = concurrent requests; floor = bare Serve, same hops, "
-             "decoder sleeping at the engine's pace",
-             f"{'streams':>7} {'tokens':>6} {'mode':>10} {'engine':>8} {'floor':>8} {'vlora':>8} {'vlora/floor':>11} "
-             f"{'vlora/engine':>12} {'TTFT p50':>8} {'p99':>7} {'floor TTFT p50':>14}"]
+             "decoder sleeping at the engine's pace; floor_cpu = the same with an engine process doing the engine's "
+             "CPU work",
+             f"{'streams':>7} {'tokens':>6} {'mode':>10} {'engine':>8} {'floor':>8} {'fl_cpu':>8} {'vlora':>8} "
+             f"{'vlora/floor':>11} {'fl_cpu/floor':>12} {'vlora/fl_cpu':>12} {'vlora/engine':>12} "
+             f"{'fl_cpu/engine':>13} {'TTFT p50':>8} {'p99':>7} {'floor TTFT p50':>14}"]
     for r in aft["grid"]:
         e = eng[(r["level"], r["tokens"])]["tok_s"]
         f, v = r["floor"], r["vlora"]
+        c = r.get("floor_cpu", {}).get("tok_s", float("nan"))
         lines.append(f"{r['level']:>7} {r['tokens']:>6} {'stream' if r['stream'] else 'non-stream':>10} {e:>8.0f} "
-                     f"{f['tok_s']:>8.0f} {v['tok_s']:>8.0f} {v['tok_s'] / f['tok_s']:>10.2f}x "
-                     f"{v['tok_s'] / e:>11.2f}x {_ms(v['ttft_p50_ms'])} {_ms(v['ttft_p99_ms'], 7)} "
+                     f"{f['tok_s']:>8.0f} {c:>8.0f} {v['tok_s']:>8.0f} {v['tok_s'] / f['tok_s']:>10.2f}x "
+                     f"{c / f['tok_s']:>11.2f}x {v['tok_s'] / c:>11.2f}x "
+                     f"{v['tok_s'] / e:>11.2f}x {c / e:>12.2f}x {_ms(v['ttft_p50_ms'])} {_ms(v['ttft_p99_ms'], 7)} "
                      f"{_ms(f['ttft_p50_ms'], 14)}" + (f"  FAILURES {v['num_failures']}" if v["num_failures"] else ""))
     s = aft["sequential_1_token"]
     lines += ["", "sequential 1-token requests (non-stream), p50 / mean ms: " + ", ".join(
         f"{k} {v['p50_ms']:.1f} / {v['mean_ms']:.1f}" for k, v in s.items())
-        + f"; vlora/floor {s['vlora']['p50_ms'] / s['floor']['p50_ms']:.2f}x (p50)"]
+        + f"; vlora/floor {s['vlora']['p50_ms'] / s['floor']['p50_ms']:.2f}x (p50)"
+        + (f", floor_cpu/floor {s['floor_cpu']['p50_ms'] / s['floor']['p50_ms']:.2f}x, vlora/floor_cpu "
+           f"{s['vlora']['p50_ms'] / s['floor_cpu']['p50_ms']:.2f}x" if "floor_cpu" in s else "")]
     if "vlora_thread" in s:
         lines.append(f"the engine loop on a thread of the Decoder replica instead of its own process: 1 token p50 "
                      f"{s['vlora_thread']['p50_ms']:.1f} ms ({s['vlora_thread']['p50_ms'] / s['floor']['p50_ms']:.2f}x "
@@ -456,13 +472,16 @@ def report(R: dict) -> str:
                      f"{r['step_ms']:.2f} ms vs {eng[(c, n)]['step_ms']:.2f} ms")
     for r in aft["grid"]:
         if "cpu_ms_per_token" in r["vlora"]:
-            f, v = r["floor"]["cpu_ms_per_token"], r["vlora"]["cpu_ms_per_token"]
-            path = sum(x for k, x in v.items() if k != "engine")
+            parts = []
+            for side in ("floor", "floor_cpu", "vlora"):
+                if side not in r:
+                    continue
+                v = r[side]["cpu_ms_per_token"]
+                path = sum(x for k, x in v.items() if k != "engine")
+                parts.append(f"{side} {sum(v.values()):.3f} = path {path:.3f} + engine {v.get('engine', 0):.3f} ("
+                             + ", ".join(f"{k} {x:.3f}" for k, x in sorted(v.items(), key=lambda kv: -kv[1])) + ")")
             lines.append(f"CPU ms per output token, {r['level']} streams x {r['tokens']} "
-                         f"{'stream' if r['stream'] else 'non-stream'}: floor {sum(f.values()):.3f} ("
-                         + ", ".join(f"{k} {x:.3f}" for k, x in sorted(f.items(), key=lambda kv: -kv[1]))
-                         + f"); vlora {sum(v.values()):.3f} = path {path:.3f} + engine {v.get('engine', 0):.3f} ("
-                         + ", ".join(f"{k} {x:.3f}" for k, x in sorted(v.items(), key=lambda kv: -kv[1])) + ")")
+                         f"{'stream' if r['stream'] else 'non-stream'}: " + "; ".join(parts))
     for r in aft["grid"]:
         if "replica_step_ms" in r["vlora"]:
             lines.append(f"Decoder replica under HTTP load, {r['level']} streams x {r['tokens']} "

@@ -150,8 +150,9 @@ class AppConfig(_Strict):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     default_max_tokens: int = Field(256, ge=1, description="completion limit when a request gives none")
     stream_interval_ms: float = Field(
-        50.0, ge=0, description="a stream's first token goes at once, then at most one batch of tokens per this "
-                                "many ms (and at once when it finishes); 0 = one item per engine step")
+        50.0, ge=0, description="a stream's first token goes at once, then one batch of tokens per this many ms, "
+                                "on a clock all of a Decoder's streams share (and at once when it finishes); "
+                                "0 = one item per engine step")
     vision_cache_mb: int = Field(256, ge=0, description="image-embedding cache per VisionEncoder replica")
     api_keys_env: str = Field("VLORA_API_KEYS", description="env var with comma-separated API keys; unset = open")
     admin_keys_env: str = Field(

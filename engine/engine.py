@@ -32,7 +32,7 @@ from vlora.engine.lora_manager import LoRAManager
 from vlora.engine.model_runner import ModelRunner
 from vlora.engine.model_shard import load_model_shard
 from vlora.engine.optimal_sampling import OptimalSampler, OptimalSamplingParams
-from vlora.engine.output_stream import OutputStream, merge_outputs
+from vlora.engine.output_stream import OutputStream, merge_outputs, put_all
 from vlora.engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
 from vlora.engine.prompts import PreparedPrompt
 from vlora.engine.sampling import RowState, Sampler, SamplingParams, apply_grammar_masks, grammar_masks
@@ -463,8 +463,9 @@ class AsyncEngine(EngineFrontend):
     never race a forward pass. A client that stops iterating (disconnect) aborts its request.
     Any exception on the engine thread ends it: every request fails with EngineDeadError and
     `healthy` turns False, so the hosting replica can be replaced rather than hang.
-    Outputs reach the consumer in batches (engine/output_stream.py): the first at once, then at
-    most one per `stream_interval_s`, or at once when the request finishes.
+    Outputs reach the consumer in batches (engine/output_stream.py): the first at once, then one
+    per tick of a `stream_interval_s` clock shared by all requests, or at once when the request
+    finishes.
     """
 
     def __init__(self, engine: LLMEngine, stream_interval_s: float = 0.0):
@@ -551,13 +552,9 @@ class AsyncEngine(EngineFrontend):
             if fut is not None and fut.set_running_or_notify_cancel():
                 fut.set_exception(self._dead())
 
-    def _deliver(self, rid: str, item: Any) -> None:
-        stream = self._streams.get(rid)
-        if stream is not None:
-            try:
-                stream.put(item)
-            except RuntimeError:  # that caller's event loop is closed: nobody is listening
-                pass
+    def _deliver(self, items: list[tuple[str, Any]]) -> None:
+        """Each (request id, output or error) to its stream, if that stream is still open."""
+        put_all([(s, item) for rid, item in items if (s := self._streams.get(rid)) is not None])
 
     def _loop(self) -> None:
         try:
@@ -568,12 +565,9 @@ class AsyncEngine(EngineFrontend):
                     raise fault
                 if not self.engine.has_unfinished():
                     continue
-                outputs = self.engine.step()
-                for out in outputs:
-                    self._deliver(out.request_id, out)
+                self._deliver([(out.request_id, out) for out in self.engine.step()])
         except BaseException as exc:  # noqa: BLE001 - the engine's state is unknown now: stop serving
             log.exception("the engine thread failed; failing its requests, the replica reports unhealthy")
             self.error = exc
-            for rid in list(self._streams):
-                self._deliver(rid, self._dead())
+            self._deliver([(rid, self._dead()) for rid in list(self._streams)])
             self._fail_commands()

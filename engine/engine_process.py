@@ -9,8 +9,9 @@ the loop shares no GIL with the server.
 `generate`, `complete`, `healthy`, `inject_fault`, `shutdown`). The child runs `LLMEngine` and
 reads commands over a socketpair between steps only, so adapter swaps, aborts and reads never
 race a forward pass. It coalesces each request's outputs before sending them: the first at once,
-then at most one per stream interval, or at once when the request finishes; so the serving
-process handles one message per batch instead of one per step and request.
+then one batch per tick of the stream-interval clock all requests share (`next_batch_due`), or
+at once when the request finishes; so the serving process handles one message per interval for
+all its streams instead of one per step and request.
 
 A child that fails (an exception in a step, or the process dying) fails every request and call
 with EngineDeadError and `healthy` turns False; the child exits when its parent goes away.
@@ -37,7 +38,7 @@ import torch
 
 from vlora.engine.config import EngineConfig
 from vlora.engine.engine import EngineDeadError, EngineFrontend, LLMEngine
-from vlora.engine.output_stream import OutputStream, merge_outputs
+from vlora.engine.output_stream import OutputStream, merge_outputs, next_batch_due, put_all
 from vlora.engine.outputs import RequestOutput
 from vlora.engine.sampling import SamplingParams
 from vlora.engine.tp import TPSpec
@@ -165,14 +166,11 @@ class EngineProcess(EngineFrontend):
             while True:
                 msg = _recv(self._conn)
                 if msg[0] == "out":
-                    for out in msg[1]:
-                        stream = self._streams.get(out.request_id)
-                        if stream is not None:
-                            _put(stream, out)
+                    put_all([(s, out) for out in msg[1] if (s := self._streams.get(out.request_id)) is not None])
                 elif msg[0] == "refused":
                     stream = self._streams.get(msg[1])
                     if stream is not None:
-                        _put(stream, msg[2])
+                        put_all([(stream, msg[2])])
                 elif msg[0] == "result":
                     _, cid, ok, value = msg
                     with self._lock:
@@ -198,8 +196,7 @@ class EngineProcess(EngineFrontend):
         for fut in pending.values():
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(self._dead())
-        for stream in list(self._streams.values()):
-            _put(stream, self._dead())
+        put_all([(stream, self._dead()) for stream in list(self._streams.values())])
 
 
 def _send(conn: Connection, msg: Any) -> None:
@@ -219,13 +216,6 @@ def _picklable(exc: Exception) -> Exception:
         return exc
     except Exception:  # noqa: BLE001
         return RuntimeError(f"{type(exc).__name__}: {exc}")
-
-
-def _put(stream: OutputStream, item: Any) -> None:
-    try:
-        stream.put(item)
-    except RuntimeError:  # that caller's event loop is closed: nobody is listening
-        pass
 
 
 # -- the child ---------------------------------------------------------------------------------
@@ -319,7 +309,8 @@ class _Core:
         self.buffered.pop(rid, None)
 
     def _send_due(self, outputs: list[RequestOutput]) -> None:
-        """Buffer this step's outputs; send the batches that are due (first, interval passed, finished)."""
+        """Buffer this step's outputs; send the batches that are due (first, the clock's tick, finished),
+        all in one message."""
         for out in outputs:
             self.buffered.setdefault(out.request_id, []).append(out)
         if not self.buffered:
@@ -331,8 +322,8 @@ class _Core:
             ready.append(merge_outputs(outs))
             if outs[-1].finished:
                 self._forget(rid)
-            elif math.isfinite(self.due[rid]):
-                self.due[rid] = now + self.interval[rid]
+            elif math.isfinite(self.due[rid]) and self.interval[rid] > 0:
+                self.due[rid] = next_batch_due(now, self.interval[rid], first=self.due[rid] == 0.0)
         if ready:
             _send(self.conn, ("out", ready))
 

@@ -2,9 +2,9 @@
 
 The engine thread appends each step's RequestOutput; the consumer takes everything produced
 since its last take as ONE merged RequestOutput. The first output is released at once; after
-that at most one batch per `interval_s`, or at once when the request finishes (or fails). The
-engine thread wakes the consumer's event loop only when a batch is due, so a request costs one
-cross-thread wake-up per interval instead of one per step.
+that one batch per tick of a clock shared by all requests (`next_batch_due`), or at once when
+the request finishes (or fails). The engine thread wakes the consumer's event loop only when a
+batch is due, so a request costs one cross-thread wake-up per interval instead of one per step.
 """
 
 from __future__ import annotations
@@ -15,6 +15,20 @@ import threading
 import time
 
 from vlora.engine.outputs import ChoiceDelta, RequestOutput
+
+
+def next_batch_due(now: float, interval_s: float, first: bool) -> float:
+    """When a request's next batch may go, after one went at `now`: a tick of a clock that ticks
+    every `interval_s` (multiples of it on the monotonic clock), the same ticks for every request.
+
+    So the streams of an engine send together, once per interval, instead of each on its own
+    phase, which would make nearly every step send something and wake the serving processes that
+    often. The batch after the first waits for the first tick a whole interval after it; a later
+    one for the first tick at least half an interval after the previous batch, which is the next
+    tick unless that batch went late. Over time a stream gets one batch per interval.
+    """
+    wait = interval_s if first else interval_s / 2
+    return math.ceil((now + wait) / interval_s - 1e-9) * interval_s
 
 
 def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
@@ -57,20 +71,25 @@ class OutputStream:
         # own clock may differ, e.g. uvloop's): the first goes at once, unless
         # the interval is infinite (one batch at the end: a non-streaming caller).
         self._due = 0.0 if math.isfinite(interval_s) else math.inf
+        self._batches = 0
         self._waiter: asyncio.Future | None = None
 
     # -- engine thread ---------------------------------------------------------------------------
     def put(self, item: RequestOutput | BaseException) -> None:
         """Queue an output (or an error); wake the consumer only if it waits and a batch is due."""
+        put_all([(self, item)])
+
+    def _queue(self, item: RequestOutput | BaseException) -> asyncio.Future | None:
+        """Queue `item`; the consumer's waiter if it must be woken now."""
         with self._lock:
             self._items.append(item)
             if isinstance(item, BaseException) or item.finished:
                 self._closing = True
             fut = self._waiter
             if fut is None or not (self._closing or time.monotonic() >= self._due):
-                return
+                return None
             self._waiter = None
-        self.loop.call_soon_threadsafe(_wake, fut)
+            return fut
 
     # -- consumer (event loop) -------------------------------------------------------------------
     def _take(self, due: bool = False) -> list | None:
@@ -108,8 +127,30 @@ class OutputStream:
         if errors:
             raise errors[0]
         if self.interval_s > 0 and math.isfinite(self._due):
-            self._due = time.monotonic() + self.interval_s
+            self._due = next_batch_due(time.monotonic(), self.interval_s, first=self._batches == 0)
+        self._batches += 1
         return merge_outputs(items)
+
+
+def put_all(items: list[tuple[OutputStream, RequestOutput | BaseException]]) -> None:
+    """Queue each stream's item; wake the consumers that are due with one call per event loop, so a
+    step (or message) that completes many streams' batches costs their loop one wake-up, not one each.
+    A stream whose event loop is closed has nobody listening: its item is dropped."""
+    wakes: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for stream, item in items:
+        fut = stream._queue(item)
+        if fut is not None:
+            wakes.setdefault(stream.loop, []).append(fut)
+    for loop, futs in wakes.items():
+        try:
+            loop.call_soon_threadsafe(_wake_all, futs)
+        except RuntimeError:  # that loop is closed
+            pass
+
+
+def _wake_all(futs: list[asyncio.Future]) -> None:
+    for fut in futs:
+        _wake(fut)
 
 
 def _wake(fut: asyncio.Future, due: bool = False) -> None:

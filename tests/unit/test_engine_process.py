@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import pickle
 import time
 
 import pytest
@@ -13,7 +14,9 @@ from ray import cloudpickle
 from vlora.adapters.peft_io import load_peft_adapter
 from vlora.engine.config import EngineConfig
 from vlora.engine.engine import EngineDeadError, LLMEngine, RequestError
+from vlora.engine import engine_process
 from vlora.engine.engine_process import EngineProcess
+from vlora.engine.outputs import ChoiceDelta, RequestOutput
 from vlora.engine.prompts import PromptBuilder
 from vlora.engine.sampling import SamplingParams
 from vlora.engine.vision import VisionEncoder
@@ -100,6 +103,39 @@ def test_outputs_come_in_batches_first_at_once_and_join_up_to_the_unary_answer(t
         assert len(outs) < 60
     finally:
         p.shutdown()
+
+
+def test_streams_that_started_apart_send_together_once_per_interval(monkeypatch):
+    """The child's batching on a fake clock: two streams 30 ms apart, a step every 5 ms, 50 ms interval."""
+    class Conn:
+        def __init__(self):
+            self.sent = []
+
+        def send_bytes(self, blob):
+            self.sent.append((now[0], pickle.loads(blob)))
+
+    now = [100.001]
+    monkeypatch.setattr(engine_process.time, "monotonic", lambda: now[0])
+    core = engine_process._Core(Conn(), engine=None)
+    started_ms = {"a": 100_001, "b": 100_031}
+    for step in range(80):
+        t_ms = 100_001 + 5 * step
+        now[0] = t_ms / 1000
+        outs = []
+        for rid, t0 in started_ms.items():
+            if t_ms >= t0:
+                if rid not in core.due:
+                    core.interval[rid], core.due[rid] = 0.05, 0.0  # what _add sets
+                outs.append(RequestOutput(rid, [ChoiceDelta(0, "t", [step])], False, 3, step + 1))
+        core._send_due(outs)
+    messages = [(t, sorted(o.request_id for o in msg[1])) for t, msg in core.conn.sent]
+    assert messages[:2] == [(pytest.approx(100.001), ["a"]), (pytest.approx(100.031), ["b"])]  # firsts at once
+    later = messages[2:]
+    assert [ids for _, ids in later] == [["a", "b"]] * len(later)  # one message for both, every time
+    assert [t for t, _ in later] == pytest.approx([100.101 + 0.05 * i for i in range(len(later))])
+    assert len(later) == 6
+    tokens = [t for _, msg in core.conn.sent for o in msg[1] if o.request_id == "a" for t in o.choices[0].token_ids]
+    assert tokens == list(range(tokens[-1] + 1))  # every step's token once, in order
 
 
 def test_a_consumer_that_goes_away_aborts_and_frees_the_kv_blocks(proc, tokenizer):

@@ -10,7 +10,7 @@ import pytest
 
 from vlora.engine.config import EngineConfig
 from vlora.engine.engine import AsyncEngine, LLMEngine
-from vlora.engine.output_stream import OutputStream, merge_outputs
+from vlora.engine.output_stream import OutputStream, merge_outputs, next_batch_due
 from vlora.engine.outputs import ChoiceDelta, RequestOutput, TokenLogprob
 from vlora.engine.sampling import SamplingParams
 
@@ -47,6 +47,19 @@ def test_merge_keeps_choices_that_appear_in_only_some_outputs():
     m = merge_outputs([a, b])
     assert [(c.index, c.text, c.token_ids, c.finish_reason) for c in m.choices] == \
         [(0, "y", [6], None), (1, "xz", [5, 7], "stop")]
+
+
+def test_batches_go_on_ticks_of_one_clock_a_whole_interval_after_the_first():
+    # interval 50 ms: the ticks are the multiples of 0.05 s
+    assert next_batch_due(10.012, 0.05, first=True) == pytest.approx(10.10)  # >= 10.062: the tick at 10.10
+    assert next_batch_due(10.050, 0.05, first=True) == pytest.approx(10.10)  # a first sent on a tick: the next one
+    assert next_batch_due(10.101, 0.05, first=False) == pytest.approx(10.15)  # sent on time: the next tick
+    assert next_batch_due(10.124, 0.05, first=False) == pytest.approx(10.15)  # 24 ms late: still the next tick
+    assert next_batch_due(10.126, 0.05, first=False) == pytest.approx(10.20)  # later: at least half an interval
+    # two streams that started 30 ms apart share every tick after their first batch
+    a, b = next_batch_due(3.001, 0.05, True), next_batch_due(3.031, 0.05, True)
+    assert (a, b) == (pytest.approx(3.10), pytest.approx(3.10))
+    assert next_batch_due(a + 0.002, 0.05, False) == next_batch_due(b + 0.002, 0.05, False) == pytest.approx(3.15)
 
 
 def _feed(stream: OutputStream, items, gap_s: float) -> threading.Thread:
