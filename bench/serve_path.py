@@ -14,8 +14,9 @@ One run does, one after the other, each phase in its own Ray + Serve instance on
    Sequential 1-token requests: engine, floor, floor_cpu, HTTP alternating. The Decoder's own step
    timing under load is read from its stats.
 2. **before** (`--before REF`, default `main`: that commit's tree via `git archive`, with these
-   bench files copied in): the floor and vlora at 16 streams, and the sequential 1-token case,
-   so the before/after ratios each have their own floor from their own instance.
+   bench files copied in): the floors and vlora at 16 streams, and the sequential 1-token case,
+   so the before/after ratios each have their own floor from their own instance. Both instances
+   deploy the same apps (the engine-thread variant included), so they carry the same idle work.
 
 The client is a lean httpx SSE reader (no SDK parsing), the same for floor and vlora; tokens are
 the server-reported usage. Text prompts of 20 words, greedy, `ignore_eos`.
@@ -357,14 +358,14 @@ def phase(a) -> dict:
         from vlora.deployments.app import build_app
 
         serve.run(build_app(cfg), name="vlora", route_prefix="/vlora")
-        urls = {"floor": deploy_floor(cluster, pace), "vlora": f"{cluster.url}/vlora"}
-        if a.phase == "after":
-            urls = {"floor": urls["floor"], "floor_cpu": deploy_floor(cluster, pace, engine_work=True),
-                    "vlora": urls["vlora"]}
+        urls = {"floor": deploy_floor(cluster, pace), "floor_cpu": deploy_floor(cluster, pace, engine_work=True),
+                "vlora": f"{cluster.url}/vlora"}
+        # The same app with the engine loop on a thread of the Decoder replica, deployed in both phases so
+        # both instances hold the same processes (their idle work is CPU taken from the measured ones);
+        # measured in "after" only.
         thread_mode = a.phase == "after"
-        if thread_mode:  # the same app with the engine loop on a thread of the Decoder replica
-            cfg_t = app_config(cluster.model_dir, cluster.tmp / "store_t", engine={**ENGINE, "engine_process": False})
-            serve.run(build_app(cfg_t), name="vlora_thread", route_prefix="/vlora_thread")
+        cfg_t = app_config(cluster.model_dir, cluster.tmp / "store_t", engine={**ENGINE, "engine_process": False})
+        serve.run(build_app(cfg_t), name="vlora_thread", route_prefix="/vlora_thread")
         for side, url in urls.items():  # warm every path; a broken side stops the run here
             for stream in (True, False):
                 w = asyncio.run(http_load(url, 4, 8, 4, stream, "floor" if side.startswith("floor") else "tiny"))

@@ -129,8 +129,12 @@ class ModelRunner:
         return next(b for b in self.buckets if b >= n)
 
     def context_bucket(self, max_len: int) -> int:
-        """Blocks of context the decode attention reads: a power of two (>= 4), capped at the table width."""
+        """Blocks of context the decode attention reads, capped at the table width: with CUDA graphs a
+        power of two (>= 4), which bounds the graphs captured; without them exactly the longest row's
+        blocks, since every padded block is gathered and attended for each row."""
         nb = -(-max_len // self.block_size)
+        if not self.use_graphs:
+            return min(self.max_blocks, nb)
         return min(self.max_blocks, max(4, 1 << (nb - 1).bit_length()))
 
     def run_decode(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -122,6 +122,16 @@ def test_static_decode_buffers_keep_addresses_and_never_sync(tiny_model_dir, tok
         assert got[r] == (base if name is None else refs[name]), name
 
 
+def test_decode_reads_the_longest_rows_blocks_exactly_unless_graphs_need_buckets(tiny_model_dir):
+    runner = _engine(tiny_model_dir).runner
+    bs = runner.block_size
+    assert runner.use_graphs is False  # the CPU path: no padding beyond the longest row's last block
+    assert [runner.context_bucket(n) for n in (1, bs, bs + 1, 5 * bs + 1)] == [1, 1, 2, 6]
+    assert runner.context_bucket(10**6) == runner.max_blocks
+    runner.use_graphs = True  # with CUDA graphs: power-of-two buckets, at least 4 blocks
+    assert [runner.context_bucket(n) for n in (1, bs + 1, 5 * bs + 1, 9 * bs)] == [4, 4, 8, 16]
+
+
 def test_nan_in_one_slot_leaves_every_other_adapter_unchanged(tiny_model_dir, tokenizer, adapters):
     eng = _engine(tiny_model_dir)
     for name, path in adapters.items():
