@@ -12,8 +12,8 @@ FastAPI must see the `Request` annotation itself.)
 (`WorkEngine`): a child process of the decoder replica, as vlora's engine process is, that steps
 its requests by doing a fixed amount of torch work per step, the amount that took the measured
 step time on a warm core, and sends each request's tokens the way vlora's engine process does.
-On a host where the engine shares the CPU with the serving path, this is the most any serving
-path with these hops can deliver; the sleeping floor gets its engine for free.
+On a host where the engine shares the CPU with the serving path, this shows what these hops
+deliver with an engine that costs CPU; the sleeping floor gets its engine for free.
 """
 
 
@@ -57,9 +57,9 @@ def step_seconds(pace: list[tuple[int, float]], batch: int) -> float:
 class WorkEngine:
     """A child process that steps requests with the real engine's CPU cost and no model.
 
-    Each step runs `ops(batch)` small torch matmuls, the count that took the measured step time
-    on a warm core at that batch size (calibrated in the child at start), so contention and cold
-    caches slow it as they slow a real step. Every step makes one token for each request in it;
+    Each step runs as many small torch matmuls as took the measured step time at that batch size
+    on a warm core (the matmul's cost is calibrated in the child at start), so contention slows
+    it as it slows a real step. Every step makes one token for each request in it;
     the child sends a request's tokens at once for its first, then on the stream clock's ticks
     (`next_tick`), or when it finishes: vlora's engine process's policy, one message per step at most.
     """

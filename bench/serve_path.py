@@ -215,6 +215,11 @@ def async_engine_load(eng, level: int, requests: int, max_tokens: int, interval_
         ae.shutdown()
 
 
+def served_model(side: str) -> str:
+    """The `model` a side's requests name: the floors ignore it, vlora serves the tiny model."""
+    return "floor" if side.startswith("floor") else "tiny"
+
+
 # -- the phases -------------------------------------------------------------------------------------------------
 def deploy_floor(cluster, pace, engine_work: bool = False) -> str:
     """The floor app (`floor_cpu` with `engine_work`: its engine does the engine's CPU work); its URL."""
@@ -300,7 +305,7 @@ def grid(urls: dict[str, str], levels, tokens, quick: bool, stats_at: int | None
                     if level == stats_at:
                         cpu0, t = cpu_seconds(roles), psutil.Process().cpu_times()
                     row[side] = asyncio.run(http_load(url, level, row["requests"], n, stream,
-                                                      "floor" if side.startswith("floor") else "tiny"))
+                                                      served_model(side)))
                     if level == stats_at:
                         row[side]["cpu_ms_per_token"] = cpu_per_token(roles, cpu0, t.user + t.system,
                                                                       row[side]["output_tokens"], side)
@@ -368,10 +373,10 @@ def phase(a) -> dict:
         serve.run(build_app(cfg_t), name="vlora_thread", route_prefix="/vlora_thread")
         for side, url in urls.items():  # warm every path; a broken side stops the run here
             for stream in (True, False):
-                w = asyncio.run(http_load(url, 4, 8, 4, stream, "floor" if side.startswith("floor") else "tiny"))
+                w = asyncio.run(http_load(url, 4, 8, 4, stream, served_model(side)))
                 if w["num_failures"] or w["token_errors"]:
                     raise RuntimeError(f"{side} (stream={stream}) fails: {w}")
-        sides = {side: http_sync(url, "floor" if side.startswith("floor") else "tiny") for side, url in urls.items()}
+        sides = {side: http_sync(url, served_model(side)) for side, url in urls.items()}
         if a.phase == "after":
             from vlora.engine.sampling import SamplingParams
 

@@ -71,7 +71,6 @@ class OutputStream:
         # own clock may differ, e.g. uvloop's): the first goes at once, unless
         # the interval is infinite (one batch at the end: a non-streaming caller).
         self._due = 0.0 if math.isfinite(interval_s) else math.inf
-        self._batches = 0
         self._waiter: asyncio.Future | None = None
 
     # -- engine thread ---------------------------------------------------------------------------
@@ -127,8 +126,7 @@ class OutputStream:
         if errors:
             raise errors[0]
         if self.interval_s > 0 and math.isfinite(self._due):
-            self._due = next_batch_due(time.monotonic(), self.interval_s, first=self._batches == 0)
-        self._batches += 1
+            self._due = next_batch_due(time.monotonic(), self.interval_s, first=self._due == 0.0)
         return merge_outputs(items)
 
 
