@@ -166,7 +166,8 @@ def app_config(model_dir: Path, store_dir: Path, load_dir: Path | None = None, d
 
 
 class ServeCluster:
-    """A private Ray + Serve instance on 127.0.0.1 with the tiny model in a temp dir.
+    """A private Ray + Serve instance on 127.0.0.1 with the tiny model in a temp dir, started with the
+    cluster environment `make serve` uses (Serve's HAProxy ingress).
 
     `with ServeCluster() as c: url = c.deploy("r1", decoders=1)`; on exit Serve and Ray are shut
     down and the temp dir (model, adapter stores) is removed.
@@ -179,6 +180,14 @@ class ServeCluster:
         self.apps: dict[str, dict] = {}
 
     def __enter__(self) -> "ServeCluster":
+        try:  # the cluster environment `make serve` starts with, from the tree under test
+            from vlora.deployments.launch import cluster_env
+        except ImportError:  # a tree from before it: Serve's defaults
+            cluster_env = dict
+        # before Ray and Serve are imported (Serve reads it at import); HAProxy's stats page and metrics
+        # exporter on free ports, so a `make serve` on this machine does not collide with the bench
+        os.environ.update({**cluster_env(), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                           "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())})
         import ray
         from ray import serve
 

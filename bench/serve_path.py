@@ -241,17 +241,18 @@ def decoder_loop_stats() -> dict | None:
 
 
 def serving_processes() -> dict[int, str]:
-    """pid -> role of this Ray instance's serving processes: the HTTP proxy, each Serve replica
-    ("<app>:<deployment>") and each (Floor)Decoder replica's engine process ("<app>:engine")."""
+    """pid -> role of this Ray instance's serving processes: the HTTP proxy (Serve's proxy actor, or
+    HAProxy and the actor that manages it), each Serve replica ("<app>:<deployment>") and each
+    (Floor)Decoder replica's engine process ("<app>:engine")."""
     import psutil
 
     roles: dict[int, str] = {}
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.process_iter(["pid", "cmdline", "name"]):
         try:
             title = (p.info["cmdline"] or [""])[0]
         except (psutil.Error, IndexError):
             continue
-        if title.startswith("ray::ProxyActor"):
+        if title.startswith("ray::ProxyActor") or title.startswith("ray::HAProxy") or p.info["name"] == "haproxy":
             roles[p.pid] = "proxy"
         elif title.startswith("ray::ServeReplica:"):
             roles[p.pid] = title.split()[0].removeprefix("ray::ServeReplica:").split(".")[0]

@@ -11,12 +11,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
 import httpx
 
 READY_POLL_S = 0.5
+# Serve's HAProxy ingress: HAProxy listens on http_options' port and forwards each request to an
+# Ingress replica, which serves HTTP on a port of its own. Serve's default ingress is a Python proxy
+# actor that relays every request body and every streamed chunk to and from the replica as Ray calls.
+SERVE_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def cluster_env() -> dict[str, str]:
+    """Environment of a Ray cluster that serves vlora: set before `ray init`/`ray start`, since Serve's
+    controller, proxies and replicas read it when they start. A value already exported is kept
+    (RAY_SERVE_ENABLE_HA_PROXY=0: Serve's Python proxy)."""
+    return {k: os.environ.get(k, v) for k, v in SERVE_CLUSTER_ENV.items()}
 
 
 def wait_until_ready(base_url: str, timeout_s: float, poll_s: float = READY_POLL_S) -> bool:
@@ -56,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.config) as f:
         config = yaml.safe_load(f)
 
+    os.environ.update(cluster_env())  # before Ray and Serve are imported: Serve reads it at import
     import ray
     from ray import serve
 

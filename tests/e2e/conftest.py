@@ -3,11 +3,13 @@
 Two applications share it: `vlora` (2 Decoder replicas x 2 tensor-parallel ranks, max_loras 8,
 host copies of adapters bounded to ~32 small adapters per replica, API and admin keys on) for the
 behaviour tests, and `overload` (1 tiny Decoder with a queue of one, no admin keys) for the 503,
-closed-admin and engine-fault tests.
+closed-admin and engine-fault tests. Ray starts with the cluster environment `make serve` uses
+(`cluster_env`: Serve's HAProxy ingress in front of the Ingress replicas).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -67,6 +69,14 @@ def startup_adapters(hf_model, root) -> dict[str, tuple[str, object]]:
 
 @pytest.fixture(scope="session")
 def serve_instance(tiny_model_dir, tmp_path_factory, hf_model):
+    from vlora.deployments.launch import cluster_env
+
+    # inherited by the Ray processes ray.init starts. HAProxy's stats page and metrics exporter get free
+    # ports (a `make serve` on this machine holds the fixed ones); an Ingress replica of a deleted app
+    # drains 2 s, not Serve's 30 s that give a remote HAProxy time to drop it.
+    os.environ.update({**cluster_env(), "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+                       "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"})
     import ray
     from ray import serve
 

@@ -82,3 +82,12 @@ def test_ready_only_once_health_answers_200():
 def test_ready_url_of_the_shipped_config():
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     assert base_url(config) == "http://127.0.0.1:8000"
+
+
+def test_the_cluster_make_serve_starts_runs_serves_haproxy_ingress_unless_the_operator_chose(monkeypatch):
+    from vlora.deployments.launch import cluster_env
+
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    assert cluster_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # Serve's Python proxy, chosen by the operator
+    assert cluster_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
