@@ -381,7 +381,8 @@ def plot_serving_path(plt, runs, out: Path) -> Path | None:
         return None
     stem, d = runs["serve_path"][-1]
     aft, bef = d["after"], d.get("before")
-    fig, axes = plt.subplots(1, 3 if bef else 2, figsize=(6.2 * (3 if bef else 2), 4.6), squeeze=False)
+    cols = 4 if bef else 2
+    fig, axes = plt.subplots(1, cols, figsize=(6.2 * cols, 4.6), squeeze=False)
     ax = axes[0][0]
     for n, style in zip(sorted({r["tokens"] for r in aft["grid"]}), ("-", "--")):
         eng = sorted((r["level"], r["tok_s"]) for r in aft["engine"] if r["tokens"] == n)
@@ -433,6 +434,21 @@ def plot_serving_path(plt, runs, out: Path) -> Path | None:
         ax.set_xticks(list(x), names, fontsize=8)
         ax.set_ylabel("vlora tok/s / its floor's")
         ax.set_title(f"Before vs after at {lv} streams (each against its own floor)", fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+        ax = axes[0][3]  # the same cells in tok/s: a change of the ingress moves the floor too
+
+        def tok_s(phase, n, s, side):
+            r = next((r for r in phase["grid"] if (r["level"], r["tokens"], r["stream"]) == (lv, n, s)), None)
+            return r[side]["tok_s"] if r else 0
+        for off, phase, side, label, color in ((-0.3, bef, "floor", "floor, before", "tab:olive"),
+                                               (-0.1, bef, "vlora", "vlora, before", "tab:gray"),
+                                               (0.1, aft, "floor", "floor, after", "tab:green"),
+                                               (0.3, aft, "vlora", "vlora, after", "tab:blue")):
+            ax.bar([i + off for i in x], [tok_s(phase, n, s, side) for n, s in cells], 0.2, label=label, color=color)
+        ax.set_xticks(list(x), names, fontsize=8)
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(f"Before vs after at {lv} streams, tok/s (each instance's own floor)", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
     fig.tight_layout()

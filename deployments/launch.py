@@ -2,7 +2,8 @@
 "ready at http://..." line once the routes answer.
 
 `python -m deployments.launch serve_config.yaml [--metrics-export-port 8080]` starts a local Ray
-(Ray's Prometheus endpoint on the given port instead of a random one), deploys every application
+(Ray's Prometheus endpoint on the given port instead of a random one, Serve's HAProxy ingress from
+`cluster_env`), deploys every application
 of the file as `serve run` does (import_path + args, route_prefix, http_options), polls the first
 application's /health until it answers 200, prints the URL, and serves until Ctrl-C.
 """

@@ -84,7 +84,7 @@ def test_ready_url_of_the_shipped_config():
     assert base_url(config) == "http://127.0.0.1:8000"
 
 
-def test_the_cluster_make_serve_starts_runs_serves_haproxy_ingress_unless_the_operator_chose(monkeypatch):
+def test_make_serve_starts_ray_with_haproxy_ingress_unless_the_operator_chose(monkeypatch):
     from vlora.deployments.launch import cluster_env
 
     monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
