@@ -25,6 +25,10 @@ from vlora.deployments.trainer import Trainer
 from vlora.deployments.vision_encoder import VisionEncoderDeployment
 
 
+# Serve's switches for running user code, and the router of its handle calls, on a thread and loop of their own
+HOT_PATH_LOOP_VARS = ("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP")
+
+
 def _cluster_gpus() -> float:
     import ray
 
@@ -38,12 +42,12 @@ def hot_path_env() -> dict[str, str]:
 
     Serve runs user code on an event loop thread of its own by default, so each request and each
     streamed item crosses between that loop and the replica's main loop (a future chained across
-    threads, both sides taking the GIL). Their handlers never block (the engine runs in its own
-    process, thread work goes through `to_thread`), so they run on the main loop, as Serve's
-    throughput-optimized mode does. A RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD set where the app is built
-    (the application's runtime_env env_vars, or the environment of `serve run`) is kept."""
-    key = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
-    return {key: os.environ.get(key, "0")}
+    threads, both sides taking the GIL), and it routes each handle call on a third loop. Their handlers
+    never block (the engine runs in its own process, thread work goes through `to_thread`), so both
+    run on the main loop, as Serve's throughput-optimized mode sets them. A value of either variable
+    set where the app is built (the application's runtime_env env_vars, or the environment of
+    `serve run`) is kept."""
+    return {key: os.environ.get(key, "0") for key in HOT_PATH_LOOP_VARS}
 
 
 def _deployment(cls, name: str, replica, gpu_share: float = 0.0, tensor_parallel_size: int = 1,

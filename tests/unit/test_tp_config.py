@@ -51,16 +51,21 @@ def test_a_size_that_does_not_divide_the_heads_is_refused_before_any_replica_sta
                            "engine": {"tensor_parallel_size": 2}}).engine.tensor_parallel_size == 2
 
 
-def test_the_request_path_runs_user_code_on_the_replica_loop_unless_the_operator_says_otherwise(monkeypatch):
-    """Ingress and Decoder replicas get RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 (no cross-thread hop per
-    request and streamed item), merged into the app's runtime_env; a value exported where the app is built wins."""
+def test_the_request_path_runs_user_code_and_routing_on_the_replica_loop_unless_the_operator_says_otherwise(
+        monkeypatch):
+    """Ingress and Decoder replicas get RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 and
+    RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 (no cross-thread hop per request and streamed item), merged into
+    the app's runtime_env; a value exported where the app is built wins."""
     from vlora.deployments.app import hot_path_env
 
     monkeypatch.delenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", raising=False)
-    assert hot_path_env() == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    monkeypatch.delenv("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", raising=False)
+    main_loop = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+    assert hot_path_env() == main_loop
     config = AppConfig()
     rc = _deployment(Decoder, "Decoder", config.decoder, env=hot_path_env())._replica_config
-    assert rc.ray_actor_options["runtime_env"] == {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+    assert rc.ray_actor_options["runtime_env"] == {"env_vars": main_loop}
     assert "runtime_env" not in decoder_deployment(config)._replica_config.ray_actor_options  # no env: none set
     monkeypatch.setenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1")
-    assert hot_path_env() == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}
+    monkeypatch.setenv("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "1")
+    assert hot_path_env() == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
