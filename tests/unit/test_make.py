@@ -84,10 +84,38 @@ def test_ready_url_of_the_shipped_config():
     assert base_url(config) == "http://127.0.0.1:8000"
 
 
-def test_make_serve_starts_ray_with_haproxy_ingress_unless_the_operator_chose(monkeypatch):
-    from vlora.deployments.launch import cluster_env
+def test_cluster_env_is_haproxy_ingress_where_serve_finds_haproxy_unless_the_operator_chose(monkeypatch):
+    from vlora.deployments import launch
 
     monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
-    assert cluster_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    monkeypatch.setattr(launch, "haproxy_available", lambda: True)
+    assert launch.cluster_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    monkeypatch.setattr(launch, "haproxy_available", lambda: False)  # macOS: ray[serve] brings no binary
+    assert launch.cluster_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    monkeypatch.setattr(launch, "haproxy_available", lambda: True)
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # Serve's Python proxy, chosen by the operator
-    assert cluster_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    assert launch.cluster_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+
+
+def test_the_ray_that_make_serve_starts_gets_the_cluster_env(monkeypatch, tmp_path):
+    import ray
+
+    from vlora.deployments import launch
+
+    class Started(Exception):
+        pass
+
+    def fake_init(**kwargs):  # what the raylet and every Ray process would inherit
+        raise Started(dict(os.environ))
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")}
+    monkeypatch.setattr(os, "environ", env)
+    monkeypatch.setattr(launch, "haproxy_available", lambda: True)
+    monkeypatch.setattr(ray, "init", fake_init)
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(yaml.safe_dump({"applications": []}))
+    with pytest.raises(Started) as started:
+        launch.main([str(config)])
+    assert started.value.args[0]["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert started.value.args[0]["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"
