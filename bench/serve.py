@@ -183,10 +183,11 @@ class ServeCluster:
         try:  # the cluster environment `make serve` starts with, from the tree under test
             from vlora.deployments.launch import cluster_env
         except ImportError:  # a tree from before it: Serve's defaults
-            cluster_env = dict
+            def cluster_env(one_node: bool) -> dict:
+                return {}
         # before Ray starts (its processes inherit it); HAProxy's stats page and metrics exporter on free
         # ports, so a `make serve` on this machine does not collide with the bench
-        os.environ.update({**cluster_env(), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        os.environ.update({**cluster_env(one_node=True), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
                            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())})
         import ray
         from ray import serve

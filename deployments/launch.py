@@ -24,6 +24,9 @@ READY_POLL_S = 0.5
 # Ingress replica, which serves HTTP on a port of its own. Serve's default ingress is a Python proxy
 # actor that relays every request body and every streamed chunk to and from the replica as Ray calls.
 SERVE_CLUSTER_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# A Ray on one machine: HAProxy and the Ingress replicas stop together, so a replica that stops (Ctrl-C,
+# a redeploy, a deleted app) drains 2 s, not the 30 s Serve gives HAProxy on other nodes to drop it.
+ONE_NODE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
 def haproxy_available() -> bool:
@@ -39,12 +42,14 @@ def haproxy_available() -> bool:
         return False
 
 
-def cluster_env() -> dict[str, str]:
+def cluster_env(one_node: bool = False) -> dict[str, str]:
     """Environment of a Ray cluster that serves vlora: set before `ray init`/`ray start`, since Serve's
     controller, proxies and replicas read it when they start. A value already exported is kept
     (RAY_SERVE_ENABLE_HA_PROXY=0: Serve's Python proxy); without an HAProxy binary (macOS), Serve's
-    proxy too."""
+    proxy too. `one_node`: a Ray started on this machine alone (`make serve`, the tests, the bench)."""
     defaults = SERVE_CLUSTER_ENV if haproxy_available() else {k: "0" for k in SERVE_CLUSTER_ENV}
+    if one_node:
+        defaults = {**defaults, **ONE_NODE_ENV}
     return {k: os.environ.get(k, v) for k, v in defaults.items()}
 
 
@@ -85,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.config) as f:
         config = yaml.safe_load(f)
 
-    os.environ.update(cluster_env())  # before Ray and Serve are imported: Serve reads it at import
-    # One node: HAProxy and the Ingress replicas stop together, so a replica that stops (Ctrl-C, a
-    # redeploy) drains 2 s, not the 30 s Serve gives HAProxy on other nodes to drop it.
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+    os.environ.update(cluster_env(one_node=True))  # before Ray and Serve are imported: Serve reads it at import
     import ray
     from ray import serve
 

@@ -72,11 +72,9 @@ def serve_instance(tiny_model_dir, tmp_path_factory, hf_model):
     from vlora.deployments.launch import cluster_env
 
     # inherited by the Ray processes ray.init starts. HAProxy's stats page and metrics exporter get free
-    # ports (a `make serve` on this machine holds the fixed ones); an Ingress replica of a deleted app
-    # drains 2 s, not Serve's 30 s that give a remote HAProxy time to drop it.
-    os.environ.update({**cluster_env(), "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-                       "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"})
+    # ports (a `make serve` on this machine holds the fixed ones).
+    os.environ.update({**cluster_env(one_node=True), "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+                       "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())})
     import ray
     from ray import serve
 

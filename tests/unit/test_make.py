@@ -95,6 +95,9 @@ def test_cluster_env_is_haproxy_ingress_where_serve_finds_haproxy_unless_the_ope
     monkeypatch.setattr(launch, "haproxy_available", lambda: True)
     monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")  # Serve's Python proxy, chosen by the operator
     assert launch.cluster_env() == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", raising=False)
+    assert launch.cluster_env(one_node=True) == {"RAY_SERVE_ENABLE_HA_PROXY": "0",
+                                                 "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
 def test_the_ray_that_make_serve_starts_gets_the_cluster_env(monkeypatch, tmp_path):
