@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -63,6 +62,7 @@ from vlora.engine.engine import LLMEngine  # noqa: E402
 from vlora.engine.images import ImageTransform, load_image  # noqa: E402
 from vlora.engine.prompts import PromptBuilder  # noqa: E402
 from vlora.engine.sampling import SamplingParams  # noqa: E402
+from vlora.engine.tp import free_port  # noqa: E402
 from vlora.engine.vision import VisionEncoder  # noqa: E402
 
 MODEL_NAME = "tiny"
@@ -89,12 +89,6 @@ def fmt(x: float | None, spec: str = ".1f", width: int = 8) -> str:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def resolve_device() -> tuple[str, str]:

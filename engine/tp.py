@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import pickle
+import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -53,11 +54,28 @@ class TPSpec:
         return dataclasses.replace(self, rank=rank)
 
 
+# Ports no other process takes on its own: below the kernel's ephemeral range (Linux 32768-60999,
+# macOS 49152-65535), which bind(0) and outgoing connections draw from, and outside Ray's (its
+# workers 10002-19999, Serve's replica HTTP ports 30000-31000).
+QUIET_PORTS = range(20000, 30000)
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now on `host` (for the group's store)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port free right now on `host`, taken from QUIET_PORTS, so it stays free until the process
+    it is meant for binds it (Ray's own processes bind ephemeral ports by the dozen as they start). Never
+    the same port twice in one process."""
+    for port in random.sample(QUIET_PORTS, len(QUIET_PORTS)):
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port on {host} in {QUIET_PORTS.start}-{QUIET_PORTS.stop - 1}")
 
 
 def shard_range(size: int, rank: int, world_size: int) -> tuple[int, int]:

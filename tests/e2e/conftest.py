@@ -10,7 +10,6 @@ closed-admin and engine-fault tests. Ray starts with the cluster environment `ma
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
@@ -22,12 +21,6 @@ METRICS_INTERVAL_MS = 1000  # replicas export their metrics every second (Ray's 
 FLEET_ADAPTER_BYTES = 37376
 ADAPTER_CACHE_MB = 32 * FLEET_ADAPTER_BYTES / 2**20
 ACK_TIMEOUT_S = 8.0  # short, so the ack-timeout drill is quick; replicas ack within milliseconds
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_config(model_dir, store_dir, load_dir=None, **over) -> dict:
@@ -70,18 +63,20 @@ def startup_adapters(hf_model, root) -> dict[str, tuple[str, object]]:
 @pytest.fixture(scope="session")
 def serve_instance(tiny_model_dir, tmp_path_factory, hf_model):
     from vlora.deployments.launch import cluster_env
+    from vlora.engine.tp import free_port
 
     # inherited by the Ray processes ray.init starts. HAProxy's stats page and metrics exporter get free
-    # ports (a `make serve` on this machine holds the fixed ones).
-    os.environ.update({**cluster_env(one_node=True), "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-                       "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port())})
+    # ports (a `make serve` on this machine holds the fixed ones), from the range no starting Ray process
+    # takes before HAProxy binds them.
+    os.environ.update({**cluster_env(one_node=True), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                       "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())})
     import ray
     from ray import serve
 
     from vlora.deployments.app import build_app
 
-    port = _free_port()
-    metrics_port = _free_port()  # Ray's Prometheus endpoint (the node's metrics agent), read by test_metrics.py
+    port = free_port()
+    metrics_port = free_port()  # Ray's Prometheus endpoint (the node's metrics agent), read by test_metrics.py
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS},
              runtime_env={"env_vars": {"VLORA_API_KEYS": API_KEY, "VLORA_ADMIN_KEYS": ADMIN_KEY,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,38 @@ def test_replicated_lm_head_matches_hf_and_a_lost_worker_fails_the_step(tiny_mod
     finally:
         if worker.is_alive():
             worker.kill()
+
+
+def test_free_port_hands_out_distinct_quiet_ports_and_skips_one_in_use(monkeypatch):
+    """Ports come from the range the kernel never assigns on its own, never twice in one process, and
+    not one another socket holds."""
+    import socket
+
+    from vlora.engine import tp
+
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(20000 <= p < 30000 for p in ports)
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")  # Linux's; macOS's starts at 49152
+    lo, hi = (int(x) for x in ephemeral.read_text().split()) if ephemeral.exists() else (49152, 65535)
+    assert not any(lo <= p <= hi for p in ports)
+    with socket.socket() as held:
+        taken = next(p for p in range(29000, 29990, 2) if p not in tp._handed_out and p + 1 not in tp._handed_out
+                     and _bindable(p) and _bindable(p + 1))
+        held.bind(("127.0.0.1", taken))
+        held.listen()
+        monkeypatch.setattr(tp, "QUIET_PORTS", range(taken, taken + 2))
+        assert free_port() == taken + 1  # the held one is skipped
+        with pytest.raises(RuntimeError, match=f"no free TCP port on 127.0.0.1 in {taken}-{taken + 1}"):
+            free_port()  # taken + 1 was handed out already
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
