@@ -55,8 +55,9 @@ class TPSpec:
 
 
 # Ports no other process takes on its own: below the kernel's ephemeral range (Linux 32768-60999,
-# macOS 49152-65535), which bind(0) and outgoing connections draw from, and outside Ray's (its
-# workers 10002-19999, Serve's replica HTTP ports 30000-31000).
+# macOS 49152-65535), which bind(0) and outgoing connections draw from (Ray's processes under
+# ray.init among them), and outside the ranges Ray assigns (workers 10002-19999 under `ray start`,
+# Serve's replica HTTP ports 30000-31000).
 QUIET_PORTS = range(20000, 30000)
 _handed_out: set[int] = set()
 
