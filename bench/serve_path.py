@@ -125,19 +125,31 @@ async def http_load(base: str, level: int, requests: int, max_tokens: int, strea
                 num_failures=len(failures))
 
 
-def sequential_1_token(sides: dict, reps: int, warmup: int = 5) -> dict:
+def sequential_1_token(sides: dict, reps: int, warmup: int = 5, roles: dict[int, str] | None = None) -> dict:
     """1-token non-streamed requests, one at a time, the sides alternating (in reverse order every other
     round, so no side always follows the same one); latency in ms. On this VM a side's p50 moves by
-    1-2 ms between blocks of 30, so a run takes 60 or more."""
+    1-2 ms between blocks of 30, so a run takes 60 or more. With `roles` (serving_processes()), each HTTP
+    side also gets the CPU ms per request of its own processes (the shared proxy and client left out):
+    a side's processes work only on its requests here, their idle ticks aside."""
     lat: dict[str, list[float]] = {k: [] for k in sides}
     order = list(sides.items())
+    cpu0 = None
     for rep in range(warmup + reps):
+        if rep == warmup and roles:
+            cpu0 = cpu_seconds(roles)
         for name, fn in (order if rep % 2 == 0 else order[::-1]):
             t0 = time.perf_counter()
             fn(rep)
             if rep >= warmup:
                 lat[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: dict(p50_ms=statistics.median(v), mean_ms=statistics.fmean(v)) for k, v in lat.items()}
+    out = {k: dict(p50_ms=statistics.median(v), mean_ms=statistics.fmean(v)) for k, v in lat.items()}
+    if cpu0 is not None:
+        for side in out:
+            cpu = cpu_per_token(roles, cpu0, 0.0, reps, side)  # one token per request: ms per request
+            own = {k: v for k, v in cpu.items() if k not in ("proxy", "client")}
+            if own:
+                out[side]["cpu_ms_per_request"] = own
+    return out
 
 
 def http_sync(base: str, model: str):
@@ -396,7 +408,7 @@ def phase(a) -> dict:
             sides = {"engine": engine_one, **sides}
             if thread_mode:
                 sides["vlora_thread"] = http_sync(f"{cluster.url}/vlora_thread", "tiny")
-        out["sequential_1_token"] = sequential_1_token(sides, 60 if a.quick else 120)
+        out["sequential_1_token"] = sequential_1_token(sides, 60 if a.quick else 120, roles=serving_processes())
         print("sequential 1 token:", json.dumps(out["sequential_1_token"]), flush=True)
         out["grid"] = grid(urls, levels, a.tokens, a.quick, stats_at=TTFT_LEVEL)
         if thread_mode:  # engine process vs engine thread at 16 streams, alternating cell by cell
@@ -468,6 +480,10 @@ def report(R: dict) -> str:
         + f"; vlora/floor {s['vlora']['p50_ms'] / s['floor']['p50_ms']:.2f}x (p50)"
         + (f", floor_cpu/floor {s['floor_cpu']['p50_ms'] / s['floor']['p50_ms']:.2f}x, vlora/floor_cpu "
            f"{s['vlora']['p50_ms'] / s['floor_cpu']['p50_ms']:.2f}x" if "floor_cpu" in s else "")]
+    if any("cpu_ms_per_request" in v for v in s.values()):
+        lines.append("CPU ms per sequential 1-token request, by process: " + "; ".join(
+            f"{k} " + ", ".join(f"{r} {ms:.2f}" for r, ms in v["cpu_ms_per_request"].items())
+            for k, v in s.items() if "cpu_ms_per_request" in v))
     if "vlora_thread" in s:
         lines.append(f"the engine loop on a thread of the Decoder replica instead of its own process: 1 token p50 "
                      f"{s['vlora_thread']['p50_ms']:.1f} ms ({s['vlora_thread']['p50_ms'] / s['floor']['p50_ms']:.2f}x "
