@@ -130,7 +130,7 @@ def sequential_1_token(sides: dict, reps: int, warmup: int = 5, roles: dict[int,
     round, so no side always follows the same one); latency in ms. On this VM a side's p50 moves by
     1-2 ms between blocks of 30, so a run takes 60 or more. With `roles` (serving_processes()), each HTTP
     side also gets the CPU ms per request of its own processes (the shared proxy and client left out):
-    a side's processes work only on its requests here, their idle ticks aside."""
+    a side's processes work only on its requests here (their idle work over the phase counts too)."""
     lat: dict[str, list[float]] = {k: [] for k in sides}
     order = list(sides.items())
     cpu0 = None
