@@ -416,6 +416,10 @@ class EngineFrontend:
     async def run(self, fn: Callable[[LLMEngine], Any]) -> Any:
         return await asyncio.wrap_future(self.call(fn))
 
+    def _deliver(self, items: list[tuple[str, Any]]) -> None:
+        """Each (request id, output or error) to its stream, if that stream is still open."""
+        put_all([(s, item) for rid, item in items if (s := self._streams.get(rid)) is not None])
+
     async def generate(self, prompt: Any, sampling: SamplingParams, adapter: str | None = None,
                        image_embeds: torch.Tensor | None = None, request_id: str | None = None,
                        stream_interval_s: float | None = None, **optimal: Any) -> AsyncIterator[RequestOutput]:
@@ -551,10 +555,6 @@ class AsyncEngine(EngineFrontend):
                 return
             if fut is not None and fut.set_running_or_notify_cancel():
                 fut.set_exception(self._dead())
-
-    def _deliver(self, items: list[tuple[str, Any]]) -> None:
-        """Each (request id, output or error) to its stream, if that stream is still open."""
-        put_all([(s, item) for rid, item in items if (s := self._streams.get(rid)) is not None])
 
     def _loop(self) -> None:
         try:

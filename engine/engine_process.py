@@ -38,7 +38,7 @@ import torch
 
 from vlora.engine.config import EngineConfig
 from vlora.engine.engine import EngineDeadError, EngineFrontend, LLMEngine
-from vlora.engine.output_stream import OutputStream, merge_outputs, next_batch_due, put_all
+from vlora.engine.output_stream import OutputStream, merge_outputs, next_batch_due
 from vlora.engine.outputs import RequestOutput
 from vlora.engine.sampling import SamplingParams
 from vlora.engine.tp import TPSpec
@@ -166,11 +166,9 @@ class EngineProcess(EngineFrontend):
             while True:
                 msg = _recv(self._conn)
                 if msg[0] == "out":
-                    put_all([(s, out) for out in msg[1] if (s := self._streams.get(out.request_id)) is not None])
+                    self._deliver([(out.request_id, out) for out in msg[1]])
                 elif msg[0] == "refused":
-                    stream = self._streams.get(msg[1])
-                    if stream is not None:
-                        put_all([(stream, msg[2])])
+                    self._deliver([(msg[1], msg[2])])
                 elif msg[0] == "result":
                     _, cid, ok, value = msg
                     with self._lock:
@@ -196,7 +194,7 @@ class EngineProcess(EngineFrontend):
         for fut in pending.values():
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(self._dead())
-        put_all([(stream, self._dead()) for stream in list(self._streams.values())])
+        self._deliver([(rid, self._dead()) for rid in list(self._streams)])
 
 
 def _send(conn: Connection, msg: Any) -> None:
