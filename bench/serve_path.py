@@ -8,9 +8,10 @@ One run does, one after the other, each phase in its own Ray + Serve instance on
    pace); the same through `AsyncEngine` (engine thread + asyncio consumers in this process,
    batched items) to isolate the thread/GIL cost; then the floor (bench/serve_floor.py: the cluster's
    HTTP ingress -> ingress deployment -> a decoder that only sleeps at that pace) and vlora's app, through HTTP, at the same
-   levels, streamed and not, alternating cell by cell; with them `floor_cpu`, the floor whose engine
-   is a child process doing the engine's measured CPU work per step (bench/serve_floor.py
-   `WorkEngine`): what these hops deliver with an engine that shares the CPU, as vlora's does here.
+   levels, streamed and not, alternating cell by cell (at 16 streams, medians of alternating rounds);
+   with them `floor_cpu`, the floor whose engine is a child process doing the engine's measured CPU
+   work per step (bench/serve_floor.py `WorkEngine`): what these hops deliver with an engine that
+   shares the CPU, as vlora's does here.
    Sequential 1-token requests: engine, floor, floor_cpu, HTTP alternating. The Decoder's own step
    timing under load is read from its stats.
 2. **before** (`--before REF`, default `main`: that commit's tree via `git archive`, with these
@@ -309,32 +310,74 @@ def cpu_per_token(roles: dict[int, str], before: dict[int, float], client_before
 
 def grid(urls: dict[str, str], levels, tokens, quick: bool, stats_at: int | None = None) -> list[dict]:
     """Each (level, tokens, stream) cell on every side, the sides alternating; vlora's in-replica step time
-    and every side's CPU per token by process at `stats_at` streams."""
+    and every side's CPU per token by process at `stats_at` streams.
+
+    At `stats_at` (the issue's target cells) each cell runs `rounds_at(quick)` rounds, the sides in a
+    rotated order each round; a side's tok/s and TTFT are the medians of its rounds (`rounds_tok_s`
+    lists them), its CPU per token the total over them. One short round on this VM moves by up to 1.6x
+    between runs; the medians of alternating rounds are what the ratios use."""
     import psutil
 
     rows = []
     roles = serving_processes() if stats_at is not None else {}
     for level in levels:
+        rounds = rounds_at(quick) if level == stats_at else 1
         for n in tokens:
             for stream in (True, False):
-                row = dict(level=level, tokens=n, stream=stream, requests=requests_for(level, quick))
-                for side, url in urls.items():
-                    before = decoder_loop_stats() if side == "vlora" and level == stats_at else None
+                row = dict(level=level, tokens=n, stream=stream, requests=requests_for(level, quick), rounds=rounds)
+                runs: dict[str, list[dict]] = {side: [] for side in urls}
+                cpu: dict[str, dict[str, float]] = {side: {} for side in urls}
+                loop = {"steps": 0, "step_s": 0.0, "outputs": 0}
+                order = list(urls.items())
+                for r in range(rounds):
+                    for side, url in order[r % len(order):] + order[:r % len(order)]:
+                        before = decoder_loop_stats() if side == "vlora" and level == stats_at else None
+                        if level == stats_at:
+                            cpu0, t = cpu_seconds(roles), psutil.Process().cpu_times()
+                        res = asyncio.run(http_load(url, level, row["requests"], n, stream, served_model(side)))
+                        runs[side].append(res)
+                        if level == stats_at:  # CPU seconds of this round, summed over the rounds
+                            per_tok = cpu_per_token(roles, cpu0, t.user + t.system, res["output_tokens"], side)
+                            for k, v in per_tok.items():
+                                cpu[side][k] = cpu[side].get(k, 0.0) + v * res["output_tokens"]
+                        if before is not None:
+                            after = decoder_loop_stats()
+                            for k in loop:
+                                loop[k] += after[k] - before[k]
+                for side in urls:
+                    row[side] = merge_rounds(runs[side])
                     if level == stats_at:
-                        cpu0, t = cpu_seconds(roles), psutil.Process().cpu_times()
-                    row[side] = asyncio.run(http_load(url, level, row["requests"], n, stream,
-                                                      served_model(side)))
-                    if level == stats_at:
-                        row[side]["cpu_ms_per_token"] = cpu_per_token(roles, cpu0, t.user + t.system,
-                                                                      row[side]["output_tokens"], side)
-                    if before is not None:
-                        after = decoder_loop_stats()
-                        steps = after["steps"] - before["steps"]
-                        row["vlora"]["replica_step_ms"] = (after["step_s"] - before["step_s"]) / max(1, steps) * 1e3
-                        row["vlora"]["replica_rows_per_step"] = (after["outputs"] - before["outputs"]) / max(1, steps)
+                        total = max(1, sum(x["output_tokens"] for x in runs[side]))
+                        row[side]["cpu_ms_per_token"] = {k: round(v / total, 4) for k, v in cpu[side].items()}
+                if level == stats_at and "vlora" in urls and loop["steps"]:
+                    row["vlora"]["replica_step_ms"] = loop["step_s"] / loop["steps"] * 1e3
+                    row["vlora"]["replica_rows_per_step"] = loop["outputs"] / loop["steps"]
                 print(json.dumps({k: v for k, v in row.items()}, default=str)[:400], flush=True)
                 rows.append(row)
     return rows
+
+
+def rounds_at(quick: bool) -> int:
+    return 3 if quick else 5
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One side's rounds of a cell as one result: medians of tok/s, TTFT and latency, sums of the counts."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def med(key: str) -> float | None:
+        vals = [r[key] for r in runs if r[key] is not None]
+        return statistics.median(vals) if vals else None
+
+    out = dict(requests=sum(r["requests"] for r in runs), output_tokens=sum(r["output_tokens"] for r in runs),
+               wall_s=sum(r["wall_s"] for r in runs), tok_s=med("tok_s"), ttft_p50_ms=med("ttft_p50_ms"),
+               ttft_p99_ms=med("ttft_p99_ms"), latency_p50_ms=med("latency_p50_ms"),
+               chunks_per_request=med("chunks_per_request"),
+               token_errors=sum(r["token_errors"] for r in runs), failures=[f for r in runs for f in r["failures"]][:5],
+               num_failures=sum(r["num_failures"] for r in runs))
+    out["rounds_tok_s"] = [round(r["tok_s"]) for r in runs]
+    return out
 
 
 def phase(a) -> dict:
@@ -474,6 +517,12 @@ def report(R: dict) -> str:
                      f"{c / f['tok_s']:>11.2f}x {v['tok_s'] / c:>11.2f}x "
                      f"{v['tok_s'] / e:>11.2f}x {c / e:>12.2f}x {_ms(v['ttft_p50_ms'])} {_ms(v['ttft_p99_ms'], 7)} "
                      f"{_ms(f['ttft_p50_ms'], 14)}" + (f"  FAILURES {v['num_failures']}" if v["num_failures"] else ""))
+    for r in aft["grid"]:
+        if r.get("rounds", 1) > 1:
+            sides = [side for side in ("floor", "floor_cpu", "vlora") if side in r]
+            lines.append(f"  {r['level']} x {r['tokens']} {'stream' if r['stream'] else 'non-stream'}: medians of "
+                         f"{r['rounds']} alternating rounds, tok/s per round: "
+                         + "; ".join(f"{side} {r[side]['rounds_tok_s']}" for side in sides))
     s = aft["sequential_1_token"]
     lines += ["", "sequential 1-token requests (non-stream), p50 / mean ms: " + ", ".join(
         f"{k} {v['p50_ms']:.1f} / {v['mean_ms']:.1f}" for k, v in s.items())
