@@ -391,9 +391,9 @@ def plot_serving_path(plt, runs, out: Path) -> Path | None:
         ax.plot([c for c, _ in eng], [t for _, t in eng], "s" + style, color="tab:gray", label=f"engine alone, {n} tok")
         ax.plot(lv, [r["floor"]["tok_s"] for r in rows], "^" + style, color="tab:green",
                 label=f"floor (bare Serve), {n} tok")
-        if all("floor_cpu" in r for r in rows):
-            ax.plot(lv, [r["floor_cpu"]["tok_s"] for r in rows], "v" + style, color="tab:orange",
-                    label=f"floor + the engine's CPU work, {n} tok")
+        if all("floor_engine" in r for r in rows):
+            ax.plot(lv, [r["floor_engine"]["tok_s"] for r in rows], "v" + style, color="tab:orange",
+                    label=f"floor + vlora's engine, {n} tok")
         ax.plot(lv, [r["vlora"]["tok_s"] for r in rows], "o" + style, color="tab:blue", label=f"vlora HTTP, {n} tok")
     log_x(ax, [r["level"] for r in aft["grid"]])
     ax.set_xlabel("concurrent streams")
@@ -408,9 +408,9 @@ def plot_serving_path(plt, runs, out: Path) -> Path | None:
         sel = [r for r in rows if (r["tokens"], r["stream"]) == (n, stream)]
         line, = ax.plot([r["level"] for r in sel], [r["vlora"]["tok_s"] / r["floor"]["tok_s"] for r in sel], style,
                         label=f"{n} tok, {'stream' if stream else 'non-stream'}")
-        if n == 64 and stream and all("floor_cpu" in r for r in sel):
-            ax.plot([r["level"] for r in sel], [r["floor_cpu"]["tok_s"] / r["floor"]["tok_s"] for r in sel], "v:",
-                    color=line.get_color(), label="floor + the engine's CPU work, 64 tok, stream")
+        if n == 64 and stream and all("floor_engine" in r for r in sel):
+            ax.plot([r["level"] for r in sel], [r["floor_engine"]["tok_s"] / r["floor"]["tok_s"] for r in sel], "v:",
+                    color=line.get_color(), label="floor + vlora's engine, 64 tok, stream")
     ax.axhline(0.8, color="tab:red", lw=0.8, ls=":", label="target 0.8x at 16 streams, 64 tok")
     log_x(ax, [r["level"] for r in rows])
     ax.set_xlabel("concurrent streams")

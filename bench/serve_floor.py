@@ -9,25 +9,20 @@ non-streamed ones one unary call.
 Whatever the real app costs above this is vlora's own. (No `from __future__ import annotations`:
 FastAPI must see the `Request` annotation itself.)
 
-`engine_work=True` gives the same app an engine that costs what the real one costs on the CPU
-(`WorkEngine`): a child process of the decoder replica, as vlora's engine process is, that steps
-its requests by doing a fixed amount of torch work per step, the amount that took the measured
-step time on a warm core, and sends each request's tokens the way vlora's engine process does.
-On a host where the engine shares the CPU with the serving path, this shows what these hops
-deliver with an engine that costs CPU; the sleeping floor gets its engine for free.
+`floor_engine_app` is the same app with vlora's real engine in place of the sleep: the decoder
+drives an `EngineProcess` (the tree under test's, with the Decoder's engine config) on one fixed
+pre-tokenized prompt, streamed with its batching, not streamed with one unary call. Between it and
+vlora the engine, its process and its batching are the same; what differs is vlora's own code on
+the path (validation, template and tokenizer, adapters, metrics, the OpenAI body). On a host where
+the engine shares the CPU with the serving path, it also shows what these hops deliver with an
+engine that costs CPU: the sleeping floor gets its engine for free.
 """
 
 
 import asyncio
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import time
-from multiprocessing.connection import Connection
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -55,102 +50,11 @@ def step_seconds(pace: list[tuple[int, float]], batch: int) -> float:
     return lo[1] * b / lo[0]
 
 
-class WorkEngine:
-    """A child process that steps requests with the real engine's CPU cost and no model.
-
-    Each step runs as many small torch matmuls as took the measured step time at that batch size
-    on a warm core (the matmul's cost is calibrated in the child at start), so contention slows
-    it as it slows a real step. Every step makes one token for each request in it;
-    the child sends a request's tokens at once for its first, then on the stream clock's ticks
-    (`next_tick`), or when it finishes: vlora's engine process's policy, one message per step at most.
-    """
-
-    def __init__(self, pace: list[tuple[int, float]], stream_interval_s: float):
-        ours, theirs = socket.socketpair()
-        root = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", f"from bench.serve_floor import work_engine_main; work_engine_main({theirs.fileno()})"],
-            pass_fds=(theirs.fileno(),), env=env)
-        theirs.close()
-        self.conn = Connection(ours.detach())
-        self.conn.send((sorted(pace), stream_interval_s))
-        self.queues: dict[int, asyncio.Queue] = {}
-        self.next_id = 0
-        self.reading = False
-
-    def _on_readable(self) -> None:
-        while self.conn.poll():
-            for rid, n in self.conn.recv():
-                q = self.queues.get(rid)
-                if q is not None:
-                    q.put_nowait(n)
-
-    async def tokens(self, max_tokens: int):
-        """Yield the number of tokens of each message the child sends for one request of `max_tokens`."""
-        if not self.reading:
-            asyncio.get_running_loop().add_reader(self.conn.fileno(), self._on_readable)
-            self.reading = True
-        rid, self.next_id = self.next_id, self.next_id + 1
-        q = self.queues[rid] = asyncio.Queue()
-        self.conn.send(("add", rid, max_tokens))
-        sent = 0
-        try:
-            while sent < max_tokens:
-                n = await q.get()
-                sent += n
-                yield n
-        finally:
-            del self.queues[rid]
-            if sent < max_tokens:
-                self.conn.send(("abort", rid, 0))
-
-
-def work_engine_main(fd: int) -> None:
-    """The child of `WorkEngine`: read adds and aborts between steps, step, send what is due."""
-    import torch
-
-    torch.set_num_threads(1)
-    conn = Connection(fd)
-    pace, interval = conn.recv()
-    x, w, b = torch.randn(16, 64), torch.randn(64, 176), torch.randn(176)
-    for _ in range(500):
-        torch.addmm(b, x, w)
-    t = time.perf_counter()
-    for _ in range(5000):
-        torch.addmm(b, x, w)
-    op_s = (time.perf_counter() - t) / 5000
-    reqs: dict[int, list] = {}  # rid -> [max tokens, made, sent, next send time]
-    while True:
-        while not reqs or conn.poll():
-            try:
-                kind, rid, n = conn.recv()
-            except EOFError:
-                return
-            if kind == "add":
-                reqs[rid] = [n, 0, 0, 0.0]
-            else:
-                reqs.pop(rid, None)
-        for _ in range(max(1, round(step_seconds(pace, len(reqs)) / op_s))):
-            torch.addmm(b, x, w)
-        now, out = time.monotonic(), []
-        for rid, r in list(reqs.items()):
-            r[1] += 1
-            if r[1] == r[0] or now >= r[3]:
-                out.append((rid, r[1] - r[2]))
-                r[2], r[3] = r[1], next_tick(now, interval, first=r[2] == 0)
-            if r[1] == r[0]:
-                del reqs[rid]
-        if out:
-            conn.send(out)
-
-
 class FloorDecoder:
-    def __init__(self, pace: list[tuple[int, float]], stream_interval_s: float, engine_work: bool = False):
+    def __init__(self, pace: list[tuple[int, float]], stream_interval_s: float):
         self.pace = sorted(pace)  # (batch size, engine seconds per step at that batch size)
         self.interval = stream_interval_s
         self.inflight = 0
-        self.engine = WorkEngine(self.pace, stream_interval_s) if engine_work else None
 
     def _step_s(self) -> float:
         return step_seconds(self.pace, self.inflight)
@@ -177,16 +81,38 @@ class FloorDecoder:
             self.inflight -= 1
 
     async def generate(self, max_tokens: int):
-        run = self.engine.tokens(max_tokens) if self.engine else self._run(max_tokens, self.interval)
-        async for n in run:
+        async for n in self._run(max_tokens, self.interval):
             yield n
 
     async def complete(self, max_tokens: int) -> int:
         total = 0
-        run = self.engine.tokens(max_tokens) if self.engine else self._run(max_tokens, 0.05)  # 0.05: re-read the pace
-        async for n in run:
+        async for n in self._run(max_tokens, 0.05):  # 0.05: re-read the pace
             total += n
         return total
+
+
+class EngineFloorDecoder:
+    """The floor's decoder with vlora's engine process: every request is the same prompt, greedy, `ignore_eos`."""
+
+    def __init__(self, engine_config, stream_interval_s: float, prompt_ids: list[int]):
+        from vlora.engine.engine_process import EngineProcess
+
+        self.engine = EngineProcess(engine_config, stream_interval_s)
+        self.prompt_ids = prompt_ids
+
+    def _request(self, max_tokens: int):
+        from vlora.engine.prompts import PreparedPrompt
+        from vlora.engine.sampling import SamplingParams
+
+        return PreparedPrompt(list(self.prompt_ids), None, 0), SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                              ignore_eos=True)
+
+    async def generate(self, max_tokens: int):
+        async for out in self.engine.generate(*self._request(max_tokens)):
+            yield len(out.choices[0].token_ids)
+
+    async def complete(self, max_tokens: int) -> int:
+        return (await self.engine.complete(*self._request(max_tokens))).num_generated_tokens
 
 
 def _chunk(rid: str, content: str | None, finish: str | None, usage: dict | None = None) -> bytes:
@@ -228,16 +154,28 @@ class FloorIngress:
         return StreamingResponse(sse(), media_type="text/event-stream")
 
 
-def floor_app(pace: list[tuple[int, float]], stream_interval_s: float, num_cpus: float, engine_work: bool = False):
-    """The floor's two deployments, with the replica environment vlora's Ingress and Decoder get (the same
-    Serve settings on both sides; a tree from before that setting has none). `engine_work`: the decoder's
-    engine is a `WorkEngine` instead of a sleep."""
+def _options(num_cpus: float) -> dict:
+    """Deployment options with the replica environment vlora's Ingress and Decoder get (the same Serve settings
+    on both sides; a tree from before that setting has none)."""
     try:
         from vlora.deployments.app import hot_path_env
         env = hot_path_env()
     except ImportError:
         env = {}
     actor = {"num_cpus": num_cpus, **({"runtime_env": {"env_vars": env}} if env else {})}
-    opts = dict(max_ongoing_requests=256, ray_actor_options=actor)
-    dec = serve.deployment(FloorDecoder, name="FloorDecoder").options(**opts).bind(pace, stream_interval_s, engine_work)
+    return dict(max_ongoing_requests=256, ray_actor_options=actor)
+
+
+def floor_app(pace: list[tuple[int, float]], stream_interval_s: float, num_cpus: float):
+    """The floor's two deployments: the decoder sleeps at `pace`."""
+    opts = _options(num_cpus)
+    dec = serve.deployment(FloorDecoder, name="FloorDecoder").options(**opts).bind(pace, stream_interval_s)
+    return serve.deployment(FloorIngress, name="FloorIngress").options(**opts).bind(dec)
+
+
+def floor_engine_app(engine_config, stream_interval_s: float, prompt_ids: list[int], num_cpus: float):
+    """The floor's ingress over a decoder that runs vlora's engine process (`EngineFloorDecoder`)."""
+    opts = _options(num_cpus)
+    dec = serve.deployment(EngineFloorDecoder, name="FloorDecoder").options(**opts).bind(
+        engine_config, stream_interval_s, prompt_ids)
     return serve.deployment(FloorIngress, name="FloorIngress").options(**opts).bind(dec)

@@ -9,10 +9,10 @@ One run does, one after the other, each phase in its own Ray + Serve instance on
    batched items) to isolate the thread/GIL cost; then the floor (bench/serve_floor.py: the cluster's
    HTTP ingress -> ingress deployment -> a decoder that only sleeps at that pace) and vlora's app, through HTTP, at the same
    levels, streamed and not, alternating cell by cell (at 16 streams, medians of alternating rounds);
-   with them `floor_cpu`, the floor whose engine is a child process doing the engine's measured CPU
-   work per step (bench/serve_floor.py `WorkEngine`): what these hops deliver with an engine that
-   shares the CPU, as vlora's does here.
-   Sequential 1-token requests: engine, floor, floor_cpu, HTTP alternating. The Decoder's own step
+   with them `floor_engine`, the floor's two deployments with vlora's engine process in the decoder
+   (bench/serve_floor.py `floor_engine_app`): what these hops deliver with the real engine and none of
+   vlora's own path code, so vlora against it is what that code costs.
+   Sequential 1-token requests: engine, floor, floor_engine, HTTP alternating. The Decoder's own step
    timing under load is read from its stats.
 2. **before** (`--before REF`, default `main`: that commit's tree via `git archive`, with these
    bench files copied in): the floors and vlora at 16 streams, and the sequential 1-token case,
@@ -234,16 +234,41 @@ def served_model(side: str) -> str:
 
 
 # -- the phases -------------------------------------------------------------------------------------------------
-def deploy_floor(cluster, pace, engine_work: bool = False) -> str:
-    """The floor app (`floor_cpu` with `engine_work`: its engine does the engine's CPU work); its URL."""
+def deploy_floor(cluster, pace) -> str:
+    """The floor app; its URL."""
     from ray import serve
 
     from bench.serve import REPLICA_CPUS
     from bench.serve_floor import floor_app
 
-    name = "floor_cpu" if engine_work else "floor"
-    serve.run(floor_app(pace, STREAM_INTERVAL_S, REPLICA_CPUS, engine_work), name=name, route_prefix=f"/{name}")
-    return f"{cluster.url}/{name}"
+    serve.run(floor_app(pace, STREAM_INTERVAL_S, REPLICA_CPUS), name="floor", route_prefix="/floor")
+    return f"{cluster.url}/floor"
+
+
+def deploy_floor_engine(cluster, engine_config) -> str:
+    """The floor's app over vlora's engine process, every request the bench's first prompt; its URL."""
+    from ray import serve
+
+    from bench.serve import REPLICA_CPUS
+    from bench.serve_floor import floor_engine_app
+    from vlora.engine.prompts import PromptBuilder
+
+    ids = PromptBuilder.from_pretrained(cluster.model_dir).build_chat([{"role": "user", "content": prompt(0)}],
+                                                                       []).token_ids
+    serve.run(floor_engine_app(engine_config, STREAM_INTERVAL_S, ids, REPLICA_CPUS), name="floor_engine",
+              route_prefix="/floor_engine")
+    return f"{cluster.url}/floor_engine"
+
+
+def decoder_engine_config(model_dir, device: str, dtype: str):
+    """The engine config a Decoder replica builds from the bench's `ENGINE` limits."""
+    from vlora.engine.config import EngineConfig
+
+    return EngineConfig(
+        model_dir=str(model_dir), device=device, dtype=dtype, block_size=ENGINE["block_size"],
+        kv_cache_memory_bytes=ENGINE["kv_cache_memory_mb"] * 2**20, max_num_seqs=ENGINE["max_num_seqs"],
+        max_num_batched_tokens=ENGINE["max_num_batched_tokens"], max_model_len=ENGINE["max_model_len"],
+        max_loras=ENGINE["max_loras"], max_lora_rank=ENGINE["max_lora_rank"])
 
 
 def decoder_loop_stats() -> dict | None:
@@ -393,18 +418,13 @@ def phase(a) -> dict:
         torch.set_num_threads(threads)
         out["machine"] = {**machine_info(), "replica_torch_threads": threads}
         pace = a.pace
+        device, dtype = resolve_device()
+        engine_config = decoder_engine_config(cluster.model_dir, device, dtype)
         if a.phase == "after":
-            device, dtype = resolve_device()
             eng = EngineAlone(cluster.model_dir, device, dtype)
-            # the engine's config = a Decoder replica's (bench/serve.py's ENGINE_LIMITS overridden here)
-            from vlora.engine.config import EngineConfig
             from vlora.engine.engine import LLMEngine
 
-            eng.engine = LLMEngine(EngineConfig(
-                model_dir=str(cluster.model_dir), device=device, dtype=dtype, block_size=ENGINE["block_size"],
-                kv_cache_memory_bytes=ENGINE["kv_cache_memory_mb"] * 2**20, max_num_seqs=ENGINE["max_num_seqs"],
-                max_num_batched_tokens=ENGINE["max_num_batched_tokens"], max_model_len=ENGINE["max_model_len"],
-                max_loras=ENGINE["max_loras"], max_lora_rank=ENGINE["max_lora_rank"]))
+            eng.engine = LLMEngine(engine_config)  # a Decoder replica's (bench/serve.py's ENGINE_LIMITS overridden)
             engine_closed_loop(eng, 4, 8, 16)  # warm-up
             out["engine"] = [dict(level=c, tokens=n, **engine_closed_loop(eng, c, requests_for(c, a.quick), n))
                              for c in sorted({*a.levels, TTFT_LEVEL, 64}) for n in a.tokens]
@@ -424,7 +444,7 @@ def phase(a) -> dict:
         from vlora.deployments.app import build_app
 
         serve.run(build_app(cfg), name="vlora", route_prefix="/vlora")
-        urls = {"floor": deploy_floor(cluster, pace), "floor_cpu": deploy_floor(cluster, pace, engine_work=True),
+        urls = {"floor": deploy_floor(cluster, pace), "floor_engine": deploy_floor_engine(cluster, engine_config),
                 "vlora": f"{cluster.url}/vlora"}
         # The same app with the engine loop on a thread of the Decoder replica, deployed in both phases so
         # both instances hold the same processes (their idle work is CPU taken from the measured ones);
@@ -503,15 +523,15 @@ def report(R: dict) -> str:
              f"after = this tree ({R.get('after_commit', 'working tree')}); before = {R.get('before_ref')} "
              f"({R.get('before_commit')})", "",
              "tok/s (output tokens, server-reported) | levels = concurrent requests; floor = bare Serve, same hops, "
-             "decoder sleeping at the engine's pace; floor_cpu = the same with an engine process doing the engine's "
-             "CPU work",
-             f"{'streams':>7} {'tokens':>6} {'mode':>10} {'engine':>8} {'floor':>8} {'fl_cpu':>8} {'vlora':>8} "
-             f"{'vlora/floor':>11} {'fl_cpu/floor':>12} {'vlora/fl_cpu':>12} {'vlora/engine':>12} "
-             f"{'fl_cpu/engine':>13} {'TTFT p50':>8} {'p99':>7} {'floor TTFT p50':>14}"]
+             "decoder sleeping at the engine's pace; floor_engine = the same app with vlora's engine process in its "
+             "decoder (vlora/floor_engine: what vlora's own path code costs)",
+             f"{'streams':>7} {'tokens':>6} {'mode':>10} {'engine':>8} {'floor':>8} {'fl_eng':>8} {'vlora':>8} "
+             f"{'vlora/floor':>11} {'fl_eng/floor':>12} {'vlora/fl_eng':>12} {'vlora/engine':>12} "
+             f"{'fl_eng/engine':>13} {'TTFT p50':>8} {'p99':>7} {'floor TTFT p50':>14}"]
     for r in aft["grid"]:
         e = eng[(r["level"], r["tokens"])]["tok_s"]
         f, v = r["floor"], r["vlora"]
-        c = r.get("floor_cpu", {}).get("tok_s", float("nan"))
+        c = r.get("floor_engine", {}).get("tok_s", float("nan"))
         lines.append(f"{r['level']:>7} {r['tokens']:>6} {'stream' if r['stream'] else 'non-stream':>10} {e:>8.0f} "
                      f"{f['tok_s']:>8.0f} {c:>8.0f} {v['tok_s']:>8.0f} {v['tok_s'] / f['tok_s']:>10.2f}x "
                      f"{c / f['tok_s']:>11.2f}x {v['tok_s'] / c:>11.2f}x "
@@ -519,7 +539,7 @@ def report(R: dict) -> str:
                      f"{_ms(f['ttft_p50_ms'], 14)}" + (f"  FAILURES {v['num_failures']}" if v["num_failures"] else ""))
     for r in aft["grid"]:
         if r.get("rounds", 1) > 1:
-            sides = [side for side in ("floor", "floor_cpu", "vlora") if side in r]
+            sides = [side for side in ("floor", "floor_engine", "vlora") if side in r]
             lines.append(f"  {r['level']} x {r['tokens']} {'stream' if r['stream'] else 'non-stream'}: medians of "
                          f"{r['rounds']} alternating rounds, tok/s per round: "
                          + "; ".join(f"{side} {r[side]['rounds_tok_s']}" for side in sides))
@@ -527,8 +547,8 @@ def report(R: dict) -> str:
     lines += ["", "sequential 1-token requests (non-stream), p50 / mean ms: " + ", ".join(
         f"{k} {v['p50_ms']:.1f} / {v['mean_ms']:.1f}" for k, v in s.items())
         + f"; vlora/floor {s['vlora']['p50_ms'] / s['floor']['p50_ms']:.2f}x (p50)"
-        + (f", floor_cpu/floor {s['floor_cpu']['p50_ms'] / s['floor']['p50_ms']:.2f}x, vlora/floor_cpu "
-           f"{s['vlora']['p50_ms'] / s['floor_cpu']['p50_ms']:.2f}x" if "floor_cpu" in s else "")]
+        + (f", floor_engine/floor {s['floor_engine']['p50_ms'] / s['floor']['p50_ms']:.2f}x, vlora/floor_engine "
+           f"{s['vlora']['p50_ms'] / s['floor_engine']['p50_ms']:.2f}x" if "floor_engine" in s else "")]
     if any("cpu_ms_per_request" in v for v in s.values()):
         lines.append("CPU ms per sequential 1-token request, by process: " + "; ".join(
             f"{k} " + ", ".join(f"{r} {ms:.2f}" for r, ms in v["cpu_ms_per_request"].items())
@@ -550,7 +570,7 @@ def report(R: dict) -> str:
     for r in aft["grid"]:
         if "cpu_ms_per_token" in r["vlora"]:
             parts = []
-            for side in ("floor", "floor_cpu", "vlora"):
+            for side in ("floor", "floor_engine", "vlora"):
                 if side not in r:
                     continue
                 v = r[side]["cpu_ms_per_token"]
