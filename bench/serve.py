@@ -237,19 +237,25 @@ class ServeCluster:
 
 
 # -- the engine alone --------------------------------------------------------------------------------
+def decoder_engine_config(model_dir: Path, device: str, dtype: str, limits: dict | None = None) -> EngineConfig:
+    """The engine config a Decoder replica builds (deployments/decoder.py) from these engine limits
+    (default ENGINE_LIMITS)."""
+    lim = {**ENGINE_LIMITS, **(limits or {})}
+    return EngineConfig(
+        model_dir=str(model_dir), device=device, dtype=dtype, block_size=lim["block_size"],
+        kv_cache_memory_bytes=lim["kv_cache_memory_mb"] * 2**20, max_num_seqs=lim["max_num_seqs"],
+        max_num_batched_tokens=max(lim["max_num_batched_tokens"], lim["max_num_seqs"]),
+        max_model_len=lim["max_model_len"], max_loras=lim["max_loras"], max_lora_rank=lim["max_lora_rank"])
+
+
 class EngineAlone:
     """What one request costs without serving: prompt, image, tower, engine steps, in this process."""
 
-    def __init__(self, model_dir: Path, device: str, dtype: str):
+    def __init__(self, model_dir: Path, device: str, dtype: str, limits: dict | None = None):
         self.builder = PromptBuilder.from_pretrained(model_dir)
         self.transform = ImageTransform.from_pretrained(model_dir)
         self.vision = VisionEncoder.from_pretrained(model_dir, device=device, dtype=getattr(torch, dtype))
-        lim = ENGINE_LIMITS
-        self.engine = LLMEngine(EngineConfig(  # exactly what deployments/decoder.py builds
-            model_dir=str(model_dir), device=device, dtype=dtype, block_size=lim["block_size"],
-            kv_cache_memory_bytes=lim["kv_cache_memory_mb"] * 2**20, max_num_seqs=lim["max_num_seqs"],
-            max_num_batched_tokens=max(lim["max_num_batched_tokens"], lim["max_num_seqs"]),
-            max_model_len=lim["max_model_len"], max_loras=lim["max_loras"], max_lora_rank=lim["max_lora_rank"]))
+        self.engine = LLMEngine(decoder_engine_config(model_dir, device, dtype, limits))
         self.device = device
 
     def prepare(self, messages: list[dict]):

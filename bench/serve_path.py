@@ -260,16 +260,6 @@ def deploy_floor_engine(cluster, engine_config) -> str:
     return f"{cluster.url}/floor_engine"
 
 
-def decoder_engine_config(model_dir, device: str, dtype: str):
-    """The engine config a Decoder replica builds from the bench's `ENGINE` limits."""
-    from vlora.engine.config import EngineConfig
-
-    return EngineConfig(
-        model_dir=str(model_dir), device=device, dtype=dtype, block_size=ENGINE["block_size"],
-        kv_cache_memory_bytes=ENGINE["kv_cache_memory_mb"] * 2**20, max_num_seqs=ENGINE["max_num_seqs"],
-        max_num_batched_tokens=ENGINE["max_num_batched_tokens"], max_model_len=ENGINE["max_model_len"],
-        max_loras=ENGINE["max_loras"], max_lora_rank=ENGINE["max_lora_rank"])
-
 
 def decoder_loop_stats() -> dict | None:
     from vlora.deployments.app import decoder_stats
@@ -409,7 +399,8 @@ def phase(a) -> dict:
     """One instance: (after only) the engine alone, then floor and vlora through HTTP."""
     import torch
 
-    from bench.serve import EngineAlone, ServeCluster, app_config, machine_info, resolve_device
+    from bench.serve import (EngineAlone, ServeCluster, app_config, decoder_engine_config, machine_info,
+                             resolve_device)
 
     out: dict = {"phase": a.phase}
     levels = a.levels if a.phase == "after" else (TTFT_LEVEL,)
@@ -419,12 +410,9 @@ def phase(a) -> dict:
         out["machine"] = {**machine_info(), "replica_torch_threads": threads}
         pace = a.pace
         device, dtype = resolve_device()
-        engine_config = decoder_engine_config(cluster.model_dir, device, dtype)
+        engine_config = decoder_engine_config(cluster.model_dir, device, dtype, ENGINE)
         if a.phase == "after":
-            eng = EngineAlone(cluster.model_dir, device, dtype)
-            from vlora.engine.engine import LLMEngine
-
-            eng.engine = LLMEngine(engine_config)  # a Decoder replica's (bench/serve.py's ENGINE_LIMITS overridden)
+            eng = EngineAlone(cluster.model_dir, device, dtype, ENGINE)
             engine_closed_loop(eng, 4, 8, 16)  # warm-up
             out["engine"] = [dict(level=c, tokens=n, **engine_closed_loop(eng, c, requests_for(c, a.quick), n))
                              for c in sorted({*a.levels, TTFT_LEVEL, 64}) for n in a.tokens]
