@@ -492,7 +492,9 @@ def run_phase(tree: Path, name: str, quick: bool, levels, tokens, pace=None) -> 
     cmd += ["--levels", ",".join(map(str, levels)), "--tokens", ",".join(map(str, tokens))]
     if pace:
         cmd += ["--pace", json.dumps(pace)]
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    # the tree first; the rest of PYTHONPATH stays (a GPU host's carried Ray Serve lives there)
+    rest = [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x and Path(x).resolve() != ROOT]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *rest])}
     subprocess.run(cmd, check=True, cwd=tree, env=env)
     d = json.loads(Path(path).read_text())
     os.unlink(path)
