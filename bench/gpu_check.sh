@@ -75,17 +75,17 @@ except Exception:
     print("ray not importable (serve_path needs the carried bundle)")
 PYEOF
 cat "$OUT_DIR/env.txt"
-have_serve() { "$PY" -c "import ray.serve, fastapi, httpx" 2>/dev/null; }
+serve_path() {  # serve_path NAME TIMEOUT_S LEVELS TOKENS: the serving-path bench, where Ray Serve imports
+  if ! "$PY" -c "import ray.serve, fastapi, httpx" 2>/dev/null; then
+    skipped+=("$1 (no Ray Serve: build and carry $BUNDLE)"); return
+  fi
+  run "$1" "$2" "$PY" bench/serve.py path --quick --before '' --levels "$3" --tokens "$4" --json "$OUT_DIR/$1.json"
+}
 
 if [ "$HAVE_CUDA" = 1 ]; then
   run parity_bf16 240 "$PY" bench/gpu_parity.py --device cuda --dtype bfloat16 --json "$OUT_DIR/parity_bf16.json"
   run engine_7b_graphs 300 "$PY" bench/engine.py --arch-7b --repeats 2 --json "$OUT_DIR/engine_7b_graphs.json"
-  if have_serve; then
-    run serve_path 240 "$PY" bench/serve.py path --quick --before '' --levels 1,16,64 --tokens 64,256 \
-      --json "$OUT_DIR/serve_path.json"
-  else
-    skipped+=("serve_path (no Ray Serve: build and carry $BUNDLE)")
-  fi
+  serve_path serve_path 240 1,16,64 64,256
   run hotpath_cuda 150 "$PY" bench/hotpath.py --device cuda --no-baseline --json "$OUT_DIR/hotpath_cuda.json"
   run vision_7b 240 "$PY" bench/vision.py --arch 7b --repeats 5 --transfer --json "$OUT_DIR/vision_7b.json"
   run engine_7b_eager 240 "$PY" bench/engine.py --arch-7b --repeats 2 --enforce-eager --no-hf \
@@ -95,16 +95,11 @@ else
   run parity_fp32_cpu 600 "$PY" bench/gpu_parity.py --device cpu --dtype float32 --tokens 8 \
     --json "$OUT_DIR/parity_fp32_cpu.json"
   run engine_quick_cpu 600 "$PY" bench/engine.py --quick --no-hf --threads 1 --json "$OUT_DIR/engine_quick_cpu.json"
-  if have_serve; then
-    run serve_path_cpu 600 "$PY" bench/serve.py path --quick --before '' --levels 1,16 --tokens 64 \
-      --json "$OUT_DIR/serve_path_cpu.json"
-  else
-    skipped+=("serve_path_cpu (no Ray Serve)")
-  fi
+  serve_path serve_path_cpu 600 1,16 64
   run engine_quick_cpu_eager 600 "$PY" bench/engine.py --quick --no-hf --threads 1 --enforce-eager \
     --json "$OUT_DIR/engine_quick_cpu_eager.json"
   run vision_quick_cpu 300 "$PY" bench/vision.py --cases 448 --repeats 1 --json "$OUT_DIR/vision_quick_cpu.json"
-  skipped+=("parity in bf16, bench/engine.py --arch-7b with graphs on/off, hotpath on the GPU (need CUDA)")
+  skipped+=("parity_bf16, engine_7b_graphs, serve_path, hotpath_cuda, vision_7b, engine_7b_eager (need CUDA)")
 fi
 for s in "${skipped[@]}"; do echo "skipped: $s"; done
 echo "results in $OUT_DIR after ${SECONDS} s; overall exit $status"
